@@ -1,0 +1,9 @@
+//! Checkpoints in the released Hugging Face layout: reading (memory-mapped safetensors, single or
+//! sharded), and writing deterministic random ones.
+
+pub mod layout;
+mod load;
+mod reader;
+
+pub use load::scale_name;
+pub use reader::{CONFIG_FILE, Checkpoint, INDEX_FILE, SINGLE_FILE, TensorEntry};

@@ -1,0 +1,12 @@
+//! Prefill and decode over per-sequence state, with routed experts behind a trait.
+
+mod block;
+pub mod experts;
+mod model;
+mod state;
+mod teacher;
+
+pub use experts::{ExpertBackend, ExpertSelection, ExpertStore, LocalExperts, NO_EXPERT};
+pub use model::{LoadOptions, LogitRows, Model, MtpStep, Step, StepOutput};
+pub use state::{SequenceState, state_bytes, state_bytes_per_token};
+pub use teacher::teacher_forced_logits;

@@ -1,0 +1,153 @@
+//! Kernel results against a plain f64 computation over the scalar decode (itself checked against
+//! the format tables in `numerics`).
+
+use super::*;
+use crate::numerics::f32_to_e8m0;
+
+/// Deterministic pseudo-random bytes/floats for test matrices.
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+    fn f(&mut self) -> f32 {
+        (self.next() % 20001) as f32 / 10000.0 - 1.0
+    }
+    fn byte(&mut self) -> u8 {
+        self.next() as u8
+    }
+}
+
+fn random_matrix(format: WeightFormat, rows: usize, cols: usize, seed: u64) -> WeightMatrix {
+    let mut r = Lcg(seed);
+    match format {
+        WeightFormat::F32 => WeightMatrix::from_f32(rows, cols, (0..rows * cols).map(|_| r.f()).collect()).unwrap(),
+        WeightFormat::Bf16 => {
+            let bytes: Vec<u8> =
+                (0..rows * cols).flat_map(|_| half::bf16::from_f32(r.f()).to_bits().to_le_bytes()).collect();
+            WeightMatrix::from_bf16(rows, cols, Bytes::from_vec(bytes)).unwrap()
+        }
+        WeightFormat::Fp8 => {
+            // Any byte but the two NaN codes.
+            let codes: Vec<u8> =
+                (0..rows * cols).map(|_| r.byte()).map(|b| if b & 0x7f == 0x7f { 0x3f } else { b }).collect();
+            let scales: Vec<f32> = (0..rows.div_ceil(128) * cols.div_ceil(128))
+                .map(|i| crate::numerics::e8m0_to_f32(f32_to_e8m0(2f32.powi(i as i32 % 5 - 8))))
+                .collect();
+            WeightMatrix::from_fp8(rows, cols, Bytes::from_vec(codes), scales).unwrap()
+        }
+        WeightFormat::Fp4 => {
+            let codes: Vec<u8> = (0..rows * cols / 2).map(|_| r.byte()).collect();
+            let scales: Vec<u8> = (0..rows * cols / 32).map(|i| 120 + (i % 9) as u8).collect();
+            WeightMatrix::from_fp4(rows, cols, Bytes::from_vec(codes), Bytes::from_vec(scales)).unwrap()
+        }
+    }
+}
+
+fn reference(x: &[f32], m: usize, w: &WeightMatrix) -> Vec<f64> {
+    let mut row = vec![0.0; w.cols];
+    let mut out = vec![0.0f64; m * w.rows];
+    for n in 0..w.rows {
+        w.decode_row_scalar(n, &mut row);
+        for i in 0..m {
+            out[i * w.rows + n] = row.iter().zip(&x[i * w.cols..]).map(|(a, b)| *a as f64 * *b as f64).sum();
+        }
+    }
+    out
+}
+
+/// Tolerance: f32 accumulation of `k` products, relative to the sum of their magnitudes.
+fn assert_close(got: &[f32], want: &[f64], x: &[f32], m: usize, w: &WeightMatrix, what: &str) {
+    let wf = w.to_f32();
+    for i in 0..m {
+        for n in 0..w.rows {
+            let mag: f64 = (0..w.cols).map(|k| (wf[n * w.cols + k] as f64 * x[i * w.cols + k] as f64).abs()).sum();
+            let (g, r) = (got[i * w.rows + n] as f64, want[i * w.rows + n]);
+            assert!((g - r).abs() <= 1e-5 * mag + 1e-30, "{what}: [{i},{n}] got {g} want {r} (mag {mag})");
+        }
+    }
+}
+
+const FORMATS: [WeightFormat; 4] = [WeightFormat::F32, WeightFormat::Bf16, WeightFormat::Fp8, WeightFormat::Fp4];
+
+#[test]
+fn matmul_matches_reference_for_every_format_and_batch() {
+    for format in FORMATS {
+        for &(rows, cols) in &[(37, 256), (130, 160), (5, 96), (7, 200)] {
+            if format == WeightFormat::Fp4 && cols % 32 != 0 {
+                continue;
+            }
+            let w = random_matrix(format, rows, cols, rows as u64 * 31 + cols as u64);
+            for m in [1, 2, 3, 8, 9, 40] {
+                let mut r = Lcg(m as u64 + 99);
+                let x: Vec<f32> = (0..m * cols).map(|_| r.f()).collect();
+                let got = matmul(&x, m, &w);
+                assert_close(&got, &reference(&x, m, &w), &x, m, &w, &format!("{format:?} {rows}x{cols} m={m}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_rows_selects_a_row_range() {
+    let w = random_matrix(WeightFormat::Fp8, 300, 256, 5);
+    let x: Vec<f32> = (0..2 * 256).map(|i| (i as f32 * 0.01).sin()).collect();
+    let full = matmul(&x, 2, &w);
+    let part = matmul_rows(&x, 2, &w, 130..260);
+    for i in 0..2 {
+        for j in 0..130 {
+            assert_eq!(part[i * 130 + j], full[i * 300 + 130 + j]);
+        }
+    }
+}
+
+#[test]
+fn portable_and_simd_paths_agree() {
+    for format in FORMATS {
+        // A width with a tail after the 32-wide units (FP4 widths are always multiples of 32).
+        let cols = if format == WeightFormat::Fp4 { 224 } else { 200 };
+        let w = random_matrix(format, 24, cols, 17);
+        let x: Vec<f32> = (0..3 * cols).map(|i| (i as f32 * 0.37).cos()).collect();
+        let mut simd = vec![0.0; 24 * 3];
+        let mut portable = vec![0.0; 24 * 3];
+        gemv::gemv_transposed_with(true, &x, 3, &w, 0..24, &mut simd);
+        gemv::gemv_transposed_with(false, &x, 3, &w, 0..24, &mut portable);
+        for (a, b) in simd.iter().zip(&portable) {
+            assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{format:?}: {a} vs {b}");
+        }
+    }
+}
+
+#[test]
+fn simd_decode_is_exact() {
+    for format in FORMATS {
+        let w = random_matrix(format, 9, 288, 3);
+        let mut fast = vec![0.0; 288];
+        let mut slow = vec![0.0; 288];
+        for r in 0..9 {
+            decode_row(&w, r, &mut fast);
+            w.decode_row_scalar(r, &mut slow);
+            assert_eq!(fast, slow, "{format:?} row {r}");
+        }
+    }
+}
+
+#[test]
+fn fp4_nibble_order_is_low_first() {
+    // Byte 0x71: low nibble 1 (0.5) is input 0, high nibble 7 (6.0) is input 1.
+    let mut codes = vec![0u8; 16];
+    codes[0] = 0x71;
+    let w = WeightMatrix::from_fp4(1, 32, Bytes::from_vec(codes), Bytes::from_vec(vec![127])).unwrap();
+    let mut row = vec![0.0; 32];
+    decode_row(&w, 0, &mut row);
+    assert_eq!(&row[..3], &[0.5, 6.0, 0.0]);
+}
+
+#[test]
+fn dot_matches_scalar() {
+    let a: Vec<f32> = (0..1000).map(|i| (i as f32).sin()).collect();
+    let b: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.5).cos()).collect();
+    let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    assert!((dot(&a, &b) as f64 - want).abs() < 1e-3);
+}

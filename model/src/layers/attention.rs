@@ -1,0 +1,294 @@
+//! One attention layer (spec §5): low-rank queries with a per-head norm, one shared K=V latent
+//! with a sliding window, optional compressed entries (HCA: all; CSA: the indexer's top-k),
+//! sink softmax, de-rotation and the grouped low-rank output projection.
+//!
+//! A call processes a chunk of tokens for each of several sequences. Projections run batched over
+//! all tokens of the call; the compressor state machines run per sequence; the attention core
+//! runs per token in parallel. Prefill (from position 0) and decode (one token) are both chunks.
+
+use rayon::prelude::*;
+
+use super::QuantSim;
+use super::compressor::{Compressor, CompressorState, KV_SIM_BLOCK};
+use super::indexer::Indexer;
+use super::linear::Linear;
+use super::norm::{RmsNorm, rms_normalize};
+use super::rope::{Rope, RopeAngles};
+use super::sparse_attn::attend;
+use crate::checkpoint::Checkpoint;
+use crate::checkpoint::layout::block_prefix;
+use crate::config::{AttentionKind, ModelConfig};
+use crate::error::ModelError;
+use crate::kernels;
+use crate::numerics::fp8_sim;
+
+#[derive(Clone, Debug)]
+pub struct Attention {
+    kind: AttentionKind,
+    wq_a: Linear,
+    q_norm: RmsNorm,
+    wq_b: Linear,
+    wkv: Linear,
+    kv_norm: RmsNorm,
+    /// The reference dequantises `wo_a` and multiplies in bf16: never input-quantised.
+    wo_a: Linear,
+    wo_b: Linear,
+    sink: Vec<f32>,
+    compressor: Option<Compressor>,
+    indexer: Option<Indexer>,
+    rope: Rope,
+    n_heads: usize,
+    head_dim: usize,
+    rope_dim: usize,
+    window: usize,
+    groups: usize,
+    o_rank: usize,
+    eps: f32,
+    scale: f32,
+}
+
+/// One sequence's caches for this layer.
+#[derive(Clone, Debug)]
+pub struct AttentionState {
+    /// Ring of the last `window` latents; position `t` lives in slot `t mod window`.
+    window: Vec<f32>,
+    /// Main compressed entries `[n, head_dim]`, one per complete block.
+    compressed: Vec<f32>,
+    compressor: Option<CompressorState>,
+    /// Indexer keys `[n, index_head_dim]` (CSA only).
+    index_keys: Vec<f32>,
+    index_compressor: Option<CompressorState>,
+}
+
+impl AttentionState {
+    /// Bytes held for this sequence (fp32 entries, spec §8.1).
+    pub fn bytes(&self) -> usize {
+        (self.window.len() + self.compressed.len() + self.index_keys.len()) * 4
+            + self.compressor.as_ref().map_or(0, |s| s.bytes())
+            + self.index_compressor.as_ref().map_or(0, |s| s.bytes())
+    }
+
+    pub fn compressed_entries(&self, head_dim: usize) -> usize {
+        self.compressed.len() / head_dim
+    }
+}
+
+/// Where a sequence's tokens sit in the call: positions `t0..t0+len`, rows `row0..row0+len`.
+#[derive(Clone, Copy, Debug)]
+pub struct Chunk {
+    pub t0: usize,
+    pub len: usize,
+    pub row0: usize,
+}
+
+impl Attention {
+    pub fn load(ckpt: &Checkpoint, layer: usize, quantize_inputs: bool) -> Result<Self, ModelError> {
+        let cfg: &ModelConfig = ckpt.config();
+        let p = format!("{}.attn", block_prefix(cfg, layer));
+        let (d, q, hd, h) = (cfg.dim, cfg.q_lora_rank, cfg.head_dim, cfg.n_heads);
+        let kind = cfg.attention_kind(layer);
+        let compressor = match kind {
+            AttentionKind::Window => None,
+            k => Some(Compressor::load(ckpt, &format!("{p}.compressor"), k.ratio(), hd, false)?),
+        };
+        let indexer = match kind {
+            AttentionKind::Csa => Some(Indexer::load(ckpt, &format!("{p}.indexer"), quantize_inputs)?),
+            _ => None,
+        };
+        Ok(Attention {
+            kind,
+            wq_a: Linear::load(ckpt, &format!("{p}.wq_a.weight"), q, d, quantize_inputs)?,
+            q_norm: RmsNorm::load(ckpt, &format!("{p}.q_norm.weight"), q, cfg.norm_eps)?,
+            wq_b: Linear::load(ckpt, &format!("{p}.wq_b.weight"), h * hd, q, quantize_inputs)?,
+            wkv: Linear::load(ckpt, &format!("{p}.wkv.weight"), hd, d, quantize_inputs)?,
+            kv_norm: RmsNorm::load(ckpt, &format!("{p}.kv_norm.weight"), hd, cfg.norm_eps)?,
+            wo_a: Linear::load(
+                ckpt,
+                &format!("{p}.wo_a.weight"),
+                cfg.o_groups * cfg.o_lora_rank,
+                cfg.group_width(),
+                false,
+            )?,
+            wo_b: Linear::load(ckpt, &format!("{p}.wo_b.weight"), d, cfg.o_groups * cfg.o_lora_rank, quantize_inputs)?,
+            sink: ckpt.vector(&format!("{p}.attn_sink"), &[h])?,
+            compressor,
+            indexer,
+            rope: Rope::for_layer(cfg, layer),
+            n_heads: h,
+            head_dim: hd,
+            rope_dim: cfg.rope_head_dim,
+            window: cfg.window_size,
+            groups: cfg.o_groups,
+            o_rank: cfg.o_lora_rank,
+            eps: cfg.norm_eps,
+            scale: cfg.softmax_scale(),
+        })
+    }
+
+    pub fn kind(&self) -> AttentionKind {
+        self.kind
+    }
+
+    pub fn bytes(&self) -> usize {
+        [&self.wq_a, &self.wq_b, &self.wkv, &self.wo_a, &self.wo_b].iter().map(|l| l.bytes()).sum::<usize>()
+            + self.q_norm.bytes()
+            + self.kv_norm.bytes()
+            + self.sink.len() * 4
+            + self.compressor.as_ref().map_or(0, |c| c.bytes())
+            + self.indexer.as_ref().map_or(0, |i| i.bytes())
+    }
+
+    pub fn new_state(&self) -> AttentionState {
+        AttentionState {
+            window: vec![0.0; self.window * self.head_dim],
+            compressed: Vec::new(),
+            compressor: self.compressor.as_ref().map(|c| c.new_state()),
+            index_keys: Vec::new(),
+            index_compressor: self.indexer.as_ref().map(|i| i.compressor.new_state()),
+        }
+    }
+
+    /// Runs the layer for every chunk; `x` is `[T, dim]` (after `attn_norm`), rows ordered as
+    /// the chunks say. Returns `[T, dim]`.
+    pub fn forward(&self, x: &[f32], chunks: &[Chunk], states: &mut [&mut AttentionState], sim: QuantSim) -> Vec<f32> {
+        let tokens: usize = chunks.iter().map(|c| c.len).sum();
+        let (h, hd) = (self.n_heads, self.head_dim);
+        let angles: Vec<RopeAngles> =
+            chunks.iter().flat_map(|c| (c.t0..c.t0 + c.len).map(|t| self.rope.angles(t))).collect();
+
+        // Queries: low-rank path, weightless per-head norm, RoPE.
+        let mut qr = self.wq_a.forward(x, tokens);
+        self.q_norm.apply(&mut qr);
+        let mut q = self.wq_b.forward(&qr, tokens);
+        for (t, row) in q.chunks_exact_mut(h * hd).enumerate() {
+            rms_normalize(row, hd, self.eps);
+            row.chunks_exact_mut(hd).for_each(|head| angles[t].rotate(head));
+        }
+
+        // The window latent (key = value), FP8-simulated on its non-rotary channels.
+        let mut kv = self.wkv.forward(x, tokens);
+        self.kv_norm.apply(&mut kv);
+        for (t, row) in kv.chunks_exact_mut(hd).enumerate() {
+            angles[t].rotate(row);
+            if sim.kv_fp8 {
+                fp8_sim(&mut row[..hd - self.rope_dim], KV_SIM_BLOCK);
+            }
+        }
+
+        // Compressed entries and indexer keys: projections batched, state machines per sequence.
+        let projected = self.compressor.as_ref().map(|c| c.project(x, tokens));
+        let index_inputs = self.indexer.as_ref().map(|ix| {
+            (
+                ix.queries(&qr, tokens, &angles, sim.indexer_fp4),
+                ix.head_weights(x, tokens),
+                ix.compressor.project(x, tokens),
+            )
+        });
+        states.par_iter_mut().zip(chunks).for_each(|(state, c)| {
+            let rows = c.row0..c.row0 + c.len;
+            if let (Some(ix), Some((_, _, p))) = (&self.indexer, &index_inputs) {
+                let st = state.index_compressor.as_mut().expect("CSA state has an indexer compressor");
+                let keys = ix.compressor.absorb(st, p, rows.clone(), c.t0, &self.rope, sim.indexer_fp4);
+                state.index_keys.extend(keys);
+            }
+            if let (Some(comp), Some(p)) = (&self.compressor, &projected) {
+                let st = state.compressor.as_mut().expect("compressed layer has compressor state");
+                let entries = comp.absorb(st, p, rows, c.t0, &self.rope, sim.kv_fp8);
+                state.compressed.extend(entries);
+            }
+        });
+
+        // Attention per token, in parallel (states are read-only here).
+        let owner: Vec<(usize, usize)> =
+            chunks.iter().enumerate().flat_map(|(i, c)| (0..c.len).map(move |s| (i, s))).collect();
+        let mut o = vec![0.0f32; tokens * h * hd];
+        {
+            let shared: Vec<&AttentionState> = states.iter().map(|s| &**s).collect();
+            o.par_chunks_mut(h * hd).enumerate().for_each(|(row, out)| {
+                let (seq, s) = owner[row];
+                let c = chunks[seq];
+                let keys =
+                    self.gather_keys(shared[seq], &kv, c, s, index_inputs.as_ref().map(|(qi, wi, _)| (qi, wi)), row);
+                attend(&q[row * h * hd..(row + 1) * h * hd], &keys, &self.sink, self.scale, out);
+                out.chunks_exact_mut(hd).for_each(|head| angles[row].unrotate(head));
+            });
+        }
+
+        // Only now does the chunk enter the window ring: earlier tokens of the chunk needed the
+        // ring as it was before the chunk.
+        for (state, c) in states.iter_mut().zip(chunks) {
+            let keep = c.len.min(self.window);
+            for t in c.t0 + c.len - keep..c.t0 + c.len {
+                let slot = t % self.window;
+                let src = &kv[(c.row0 + t - c.t0) * hd..(c.row0 + t - c.t0 + 1) * hd];
+                state.window[slot * hd..(slot + 1) * hd].copy_from_slice(src);
+            }
+        }
+        self.project_out(&o, tokens)
+    }
+
+    /// The latents token `s` of chunk `c` attends to: its window, then the compressed entries
+    /// its layer kind makes visible.
+    fn gather_keys(
+        &self,
+        state: &AttentionState,
+        kv: &[f32],
+        c: Chunk,
+        s: usize,
+        index: Option<(&Vec<f32>, &Vec<f32>)>,
+        row: usize,
+    ) -> Vec<f32> {
+        let hd = self.head_dim;
+        let t = c.t0 + s;
+        let first = (t + 1).saturating_sub(self.window);
+        let mut keys = Vec::with_capacity((t + 1 - first) * hd);
+        for p in first..=t {
+            if p >= c.t0 {
+                let r = c.row0 + p - c.t0;
+                keys.extend_from_slice(&kv[r * hd..(r + 1) * hd]);
+            } else {
+                let slot = p % self.window;
+                keys.extend_from_slice(&state.window[slot * hd..(slot + 1) * hd]);
+            }
+        }
+        match self.kind {
+            AttentionKind::Window => {}
+            AttentionKind::Hca { ratio } => {
+                let visible = (t + 1) / ratio;
+                keys.extend_from_slice(&state.compressed[..visible * hd]);
+            }
+            AttentionKind::Csa => {
+                let ix = self.indexer.as_ref().expect("CSA layer has an indexer");
+                let (qi, wi) = index.expect("CSA layer computed indexer inputs");
+                let visible = (t + 1) / crate::config::CSA_RATIO;
+                let (hi, di) = (ix.heads(), ix.head_dim());
+                let q_row = &qi[row * hi * di..(row + 1) * hi * di];
+                let w_row = &wi[row * hi..(row + 1) * hi];
+                for j in ix.select(q_row, w_row, &state.index_keys, visible) {
+                    keys.extend_from_slice(&state.compressed[j * hd..(j + 1) * hd]);
+                }
+            }
+        }
+        keys
+    }
+
+    /// Grouped low-rank output: `u_g = Wo_a[g] · o_g`, then `Wo_b · concat(u)`.
+    fn project_out(&self, o: &[f32], tokens: usize) -> Vec<f32> {
+        let gw = o.len() / tokens / self.groups;
+        let mut u = vec![0.0f32; tokens * self.groups * self.o_rank];
+        let mut group_in = vec![0.0f32; tokens * gw];
+        for g in 0..self.groups {
+            for t in 0..tokens {
+                let src = &o[t * self.groups * gw + g * gw..][..gw];
+                group_in[t * gw..(t + 1) * gw].copy_from_slice(src);
+            }
+            let rows = g * self.o_rank..(g + 1) * self.o_rank;
+            let ug = kernels::matmul_rows(&group_in, tokens, &self.wo_a.weight, rows);
+            for t in 0..tokens {
+                u[t * self.groups * self.o_rank + g * self.o_rank..][..self.o_rank]
+                    .copy_from_slice(&ug[t * self.o_rank..(t + 1) * self.o_rank]);
+            }
+        }
+        self.wo_b.forward(&u, tokens)
+    }
+}

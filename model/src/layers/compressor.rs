@@ -1,0 +1,191 @@
+//! KV compressor (spec §5.3): gated softmax pooling of `m` consecutive tokens into one entry.
+//! CSA (m = 4) overlaps: entry j pools the "cur" halves of block j with the "prev" halves of
+//! block j−1. HCA (m = 128) does not. The same per-token state machine serves prefill and decode
+//! (a prefill is a run of tokens through it), which is what makes chunked prefill exact.
+
+use crate::checkpoint::Checkpoint;
+use crate::config::CSA_RATIO;
+use crate::error::ModelError;
+use crate::kernels::{self, WeightMatrix};
+use crate::layers::norm::RmsNorm;
+use crate::layers::rope::Rope;
+use crate::numerics::{fp4_sim, fp8_sim, hadamard_in_place};
+
+/// FP8 simulation block on the non-rotary channels of main entries.
+pub const KV_SIM_BLOCK: usize = 64;
+/// FP4 simulation block of indexer keys and queries.
+pub const INDEX_SIM_BLOCK: usize = 32;
+
+#[derive(Clone, Debug)]
+pub struct Compressor {
+    wkv: WeightMatrix,
+    wgate: WeightMatrix,
+    /// Position bias inside the block, `[m, coff·c]`.
+    ape: Vec<f32>,
+    norm: RmsNorm,
+    ratio: usize,
+    overlap: bool,
+    /// Entry width `c` (head_dim for the main compressor, index_head_dim for the indexer's).
+    width: usize,
+    rope_dim: usize,
+    /// Indexer compressor: Hadamard + FP4 instead of FP8 on the non-rotary channels.
+    indexer: bool,
+}
+
+/// Partial-block state carried between calls (fp32, official layout): with overlap, rows
+/// `0..m` hold the previous complete block and rows `m..2m` the current one.
+#[derive(Clone, Debug)]
+pub struct CompressorState {
+    kv: Vec<f32>,
+    score: Vec<f32>,
+}
+
+impl CompressorState {
+    pub fn bytes(&self) -> usize {
+        (self.kv.len() + self.score.len()) * 4
+    }
+}
+
+/// Projections of a run of tokens, computed batched before the sequential absorb.
+pub struct Projected {
+    pub kv: Vec<f32>,
+    pub score: Vec<f32>,
+}
+
+impl Compressor {
+    pub fn load(
+        ckpt: &Checkpoint,
+        prefix: &str,
+        ratio: usize,
+        width: usize,
+        indexer: bool,
+    ) -> Result<Self, ModelError> {
+        let cfg = ckpt.config();
+        let overlap = ratio == CSA_RATIO;
+        let coff = 1 + overlap as usize;
+        Ok(Compressor {
+            wkv: ckpt.matrix(&format!("{prefix}.wkv.weight"), coff * width, cfg.dim)?,
+            wgate: ckpt.matrix(&format!("{prefix}.wgate.weight"), coff * width, cfg.dim)?,
+            ape: ckpt.vector(&format!("{prefix}.ape"), &[ratio, coff * width])?,
+            norm: RmsNorm::load(ckpt, &format!("{prefix}.norm.weight"), width, cfg.norm_eps)?,
+            ratio,
+            overlap,
+            width,
+            rope_dim: cfg.rope_head_dim,
+            indexer,
+        })
+    }
+
+    pub fn ratio(&self) -> usize {
+        self.ratio
+    }
+
+    fn coff(&self) -> usize {
+        1 + self.overlap as usize
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.wkv.stored_bytes() + self.wgate.stored_bytes() + self.ape.len() * 4 + self.norm.bytes()
+    }
+
+    pub fn new_state(&self) -> CompressorState {
+        let n = self.coff() * self.ratio * self.coff() * self.width;
+        CompressorState { kv: vec![0.0; n], score: vec![f32::NEG_INFINITY; n] }
+    }
+
+    /// Bytes of one sequence's state (spec §8.1).
+    pub fn state_bytes(&self) -> usize {
+        2 * self.coff() * self.ratio * self.coff() * self.width * 4
+    }
+
+    /// `A = Wkv x`, `Z = Wgate x` for `tokens` rows (fp32, no input quantisation: the official
+    /// compressor keeps these projections in full precision).
+    pub fn project(&self, x: &[f32], tokens: usize) -> Projected {
+        Projected { kv: kernels::matmul(x, tokens, &self.wkv), score: kernels::matmul(x, tokens, &self.wgate) }
+    }
+
+    /// Feeds tokens `t0..t0+len` (rows `rows` of `p`) through the state machine and returns the
+    /// entries they complete, post-processed (norm, RoPE at the block's first position, then the
+    /// FP8 or Hadamard+FP4 simulation when `simulate`).
+    pub fn absorb(
+        &self,
+        state: &mut CompressorState,
+        p: &Projected,
+        rows: std::ops::Range<usize>,
+        t0: usize,
+        rope: &Rope,
+        simulate: bool,
+    ) -> Vec<f32> {
+        let (m, c) = (self.ratio, self.width);
+        let w = self.coff() * c;
+        let mut entries = Vec::new();
+        let mut first_positions = Vec::new();
+        for (s, row) in rows.enumerate() {
+            let t = t0 + s;
+            let r = t % m;
+            let slot = if self.overlap { m + r } else { r };
+            let kv_src = &p.kv[row * w..(row + 1) * w];
+            let sc_src = &p.score[row * w..(row + 1) * w];
+            state.kv[slot * w..(slot + 1) * w].copy_from_slice(kv_src);
+            for ((dst, z), ape) in state.score[slot * w..(slot + 1) * w].iter_mut().zip(sc_src).zip(&self.ape[r * w..])
+            {
+                *dst = z + ape;
+            }
+            if r == m - 1 {
+                entries.extend(self.pool(state));
+                first_positions.push(t + 1 - m);
+                if self.overlap {
+                    state.kv.copy_within(m * w..2 * m * w, 0);
+                    state.score.copy_within(m * w..2 * m * w, 0);
+                }
+            }
+        }
+        for (entry, &pos) in entries.chunks_exact_mut(c).zip(&first_positions) {
+            self.finish(entry, pos, rope, simulate);
+        }
+        entries
+    }
+
+    /// Per-channel softmax over the block's candidates, weighted sum of their values.
+    fn pool(&self, state: &CompressorState) -> Vec<f32> {
+        let (m, c) = (self.ratio, self.width);
+        let w = self.coff() * c;
+        let mut out = vec![0.0f32; c];
+        // Candidate (row, column offset) pairs: with overlap, the previous block's first half and
+        // the current block's second half; otherwise the block's rows.
+        let candidates: Vec<(usize, usize)> = if self.overlap {
+            (0..m).map(|i| (i, 0)).chain((0..m).map(|i| (m + i, c))).collect()
+        } else {
+            (0..m).map(|i| (i, 0)).collect()
+        };
+        let mut weights = vec![0.0f32; candidates.len()];
+        for (ch, o) in out.iter_mut().enumerate() {
+            let mut max = f32::NEG_INFINITY;
+            for &(row, off) in &candidates {
+                max = max.max(state.score[row * w + off + ch]);
+            }
+            // softmax first, then the weighted sum: the reference's order of rounding.
+            let mut den = 0.0f32;
+            for (e, &(row, off)) in weights.iter_mut().zip(&candidates) {
+                *e = (state.score[row * w + off + ch] - max).exp();
+                den += *e;
+            }
+            *o = weights.iter().zip(&candidates).map(|(e, &(row, off))| e / den * state.kv[row * w + off + ch]).sum();
+        }
+        out
+    }
+
+    fn finish(&self, entry: &mut [f32], first_pos: usize, rope: &Rope, simulate: bool) {
+        self.norm.apply(entry);
+        rope.angles(first_pos).rotate(entry);
+        if self.indexer {
+            hadamard_in_place(entry);
+            if simulate {
+                fp4_sim(entry, INDEX_SIM_BLOCK);
+            }
+        } else if simulate {
+            let nope = entry.len() - self.rope_dim;
+            fp8_sim(&mut entry[..nope], KV_SIM_BLOCK);
+        }
+    }
+}

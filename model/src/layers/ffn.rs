@@ -1,0 +1,53 @@
+//! The SwiGLU expert FFN shared by routed and shared experts (spec §2, §6):
+//! `y = W2 (g ⊙ silu(min(W1 x, L)) ⊙ clamp(W3 x, −L, L))`, with the routing weight `g` applied
+//! before the down projection, as the official code does.
+
+use crate::checkpoint::Checkpoint;
+use crate::error::ModelError;
+use crate::layers::linear::Linear;
+
+#[derive(Clone, Debug)]
+pub struct Ffn {
+    w1: Linear,
+    w2: Linear,
+    w3: Linear,
+    limit: f32,
+}
+
+impl Ffn {
+    /// `prefix` is e.g. `layers.4.ffn.experts.7` or `layers.4.ffn.shared_experts`.
+    pub fn load(ckpt: &Checkpoint, prefix: &str, quantize_inputs: bool) -> Result<Self, ModelError> {
+        let cfg = ckpt.config();
+        let (d, i) = (cfg.dim, cfg.moe_inter_dim);
+        Ok(Ffn {
+            w1: Linear::load(ckpt, &format!("{prefix}.w1.weight"), i, d, quantize_inputs)?,
+            w2: Linear::load(ckpt, &format!("{prefix}.w2.weight"), d, i, quantize_inputs)?,
+            w3: Linear::load(ckpt, &format!("{prefix}.w3.weight"), i, d, quantize_inputs)?,
+            limit: cfg.swiglu_limit,
+        })
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.w1.bytes() + self.w2.bytes() + self.w3.bytes()
+    }
+
+    /// `x` is `[m, dim]`; `row_weights` (one per row) scale the activation before `W2`.
+    pub fn forward(&self, x: &[f32], m: usize, row_weights: Option<&[f32]>) -> Vec<f32> {
+        let mut gate = self.w1.forward(x, m);
+        let up = self.w3.forward(x, m);
+        let inter = self.w1.out_features();
+        for (r, (g_row, u_row)) in gate.chunks_exact_mut(inter).zip(up.chunks_exact(inter)).enumerate() {
+            let scale = row_weights.map_or(1.0, |w| w[r]);
+            for (g, &u) in g_row.iter_mut().zip(u_row) {
+                let (g_in, u_in) =
+                    if self.limit > 0.0 { (g.min(self.limit), u.clamp(-self.limit, self.limit)) } else { (*g, u) };
+                let silu = g_in / (1.0 + (-g_in).exp());
+                *g = silu * u_in;
+                if row_weights.is_some() {
+                    *g *= scale;
+                }
+            }
+        }
+        self.w2.forward(&gate, m)
+    }
+}

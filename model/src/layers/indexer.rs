@@ -1,0 +1,99 @@
+//! Lightning Indexer (spec §5.5): scores every visible compressed entry of a CSA layer for a query
+//! token and picks the top-k whose main entries the attention then uses.
+
+use crate::checkpoint::Checkpoint;
+use crate::config::{CSA_RATIO, ModelConfig};
+use crate::error::ModelError;
+use crate::kernels::{self, WeightMatrix};
+use crate::layers::compressor::{Compressor, INDEX_SIM_BLOCK};
+use crate::layers::linear::Linear;
+use crate::layers::rope::RopeAngles;
+use crate::layers::topk::torch_topk;
+use crate::numerics::{fp4_sim, hadamard_in_place};
+
+#[derive(Clone, Debug)]
+pub struct Indexer {
+    wq_b: Linear,
+    weights_proj: WeightMatrix,
+    pub compressor: Compressor,
+    heads: usize,
+    head_dim: usize,
+    pub topk: usize,
+    /// `Di^-1/2 · Hi^-1/2`, folded into the head weights as the reference does.
+    weight_scale: f32,
+}
+
+impl Indexer {
+    pub fn load(ckpt: &Checkpoint, prefix: &str, quantize_inputs: bool) -> Result<Self, ModelError> {
+        let cfg: &ModelConfig = ckpt.config();
+        let (hi, di) = (cfg.index_n_heads, cfg.index_head_dim);
+        Ok(Indexer {
+            wq_b: Linear::load(ckpt, &format!("{prefix}.wq_b.weight"), hi * di, cfg.q_lora_rank, quantize_inputs)?,
+            weights_proj: ckpt.matrix(&format!("{prefix}.weights_proj.weight"), hi, cfg.dim)?,
+            compressor: Compressor::load(ckpt, &format!("{prefix}.compressor"), CSA_RATIO, di, true)?,
+            heads: hi,
+            head_dim: di,
+            topk: cfg.index_topk,
+            weight_scale: ((di as f64).powf(-0.5) * (hi as f64).powf(-0.5)) as f32,
+        })
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.wq_b.bytes() + self.weights_proj.stored_bytes() + self.compressor.bytes()
+    }
+
+    pub fn heads(&self) -> usize {
+        self.heads
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+
+    /// Indexer queries `[T, Hi·Di]` from the query latent `qr`: RoPE on each head's last
+    /// channels at the token's position, Hadamard, then the FP4 simulation.
+    pub fn queries(&self, qr: &[f32], tokens: usize, angles: &[RopeAngles], simulate: bool) -> Vec<f32> {
+        let mut q = self.wq_b.forward(qr, tokens);
+        for (t, row) in q.chunks_exact_mut(self.heads * self.head_dim).enumerate() {
+            for head in row.chunks_exact_mut(self.head_dim) {
+                angles[t].rotate(head);
+                hadamard_in_place(head);
+                if simulate {
+                    fp4_sim(head, INDEX_SIM_BLOCK);
+                }
+            }
+        }
+        q
+    }
+
+    /// Per-head weights `[T, Hi]`.
+    pub fn head_weights(&self, x: &[f32], tokens: usize) -> Vec<f32> {
+        let mut w = kernels::matmul(x, tokens, &self.weights_proj);
+        w.iter_mut().for_each(|v| *v *= self.weight_scale);
+        w
+    }
+
+    /// The entries (of `keys`, all compressed so far in this call) that query `q` attends to:
+    /// `I_j = Σ_h w_h · ReLU(q_h · K_j)` for the `visible` entries, `-inf` for the rest (the
+    /// reference's prefill mask), then PyTorch's top-`min(topk, total)` with its tie order, and
+    /// the masked picks dropped. Sorted ascending.
+    pub fn select(&self, q: &[f32], w: &[f32], keys: &[f32], visible: usize) -> Vec<usize> {
+        let di = self.head_dim;
+        let total = keys.len() / di;
+        if visible <= self.topk && total <= self.topk {
+            return (0..visible).collect();
+        }
+        let scores: Vec<f32> = (0..total)
+            .map(|j| {
+                if j >= visible {
+                    return f32::NEG_INFINITY;
+                }
+                let key = &keys[j * di..(j + 1) * di];
+                (0..self.heads).map(|h| w[h] * kernels::dot(&q[h * di..(h + 1) * di], key).max(0.0)).sum::<f32>()
+            })
+            .collect();
+        let mut picked = torch_topk(&scores, self.topk.min(total));
+        picked.retain(|&j| j < visible);
+        picked
+    }
+}

@@ -1,0 +1,57 @@
+//! A linear layer over a stored weight. FP8/FP4 weights quantise their input to FP8 in 1×128
+//! blocks first, as the official `linear()` does before `fp8_gemm`/`fp4_gemm` (spec §9.2).
+
+use crate::checkpoint::Checkpoint;
+use crate::error::ModelError;
+use crate::kernels::{self, WeightMatrix};
+use crate::numerics::fp8_sim;
+
+/// Activation block of the FP8 GEMM input quantisation.
+pub const ACT_BLOCK: usize = 128;
+
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: WeightMatrix,
+    quantize_input: bool,
+}
+
+impl Linear {
+    /// `quantize_input` applies only when the weight really is FP8/FP4.
+    pub fn new(weight: WeightMatrix, quantize_input: bool) -> Self {
+        let quantize_input = quantize_input && weight.is_quantized();
+        Linear { weight, quantize_input }
+    }
+
+    pub fn load(
+        ckpt: &Checkpoint,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        quantize_input: bool,
+    ) -> Result<Self, ModelError> {
+        Ok(Self::new(ckpt.linear(name, rows, cols)?, quantize_input))
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.weight.cols
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.weight.rows
+    }
+
+    /// `y = x Wᵀ` for `m` rows of input.
+    pub fn forward(&self, x: &[f32], m: usize) -> Vec<f32> {
+        if self.quantize_input {
+            let mut q = x.to_vec();
+            fp8_sim(&mut q, ACT_BLOCK.min(self.in_features()));
+            kernels::matmul(&q, m, &self.weight)
+        } else {
+            kernels::matmul(x, m, &self.weight)
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.weight.stored_bytes()
+    }
+}
