@@ -72,8 +72,11 @@ impl Block {
         let (mut x, mix) = self.hc_ffn.pre(&streams, tokens);
         self.ffn_norm.apply(&mut x);
         let routes = self.router.route(&x, ids);
-        let mut y = experts.forward(self.layer, &x, &routes)?;
-        let shared = self.shared.forward(&x, tokens, None);
+        // The shared expert runs while the routed experts do (in process: on the other cores;
+        // remote: while the request is on the wire).
+        let (routed, shared) =
+            rayon::join(|| experts.forward(self.layer, &x, &routes), || self.shared.forward(&x, tokens, None));
+        let mut y = routed?;
         y.iter_mut().zip(&shared).for_each(|(a, b)| *a += b);
         Ok(hc_post(&y, &streams, &mix, self.dim))
     }

@@ -7,9 +7,15 @@ use std::ops::Range;
 
 use super::weight::WeightMatrix;
 
-/// Weight rows decoded per task: 64 rows × 7168 inputs × 4 B = 1.8 MiB for V4-Pro's widest
-/// inputs, 64 KiB for the tiny model; small enough to stay in L2/L3 while SGEMM sweeps it.
-pub const PANEL_ROWS: usize = 64;
+/// Upper bound on a decoded panel (f32 bytes). SGEMM repacks the activations for every panel, so
+/// panels should be as large as this allows: one per thread when the matrix is small.
+pub const PANEL_BYTES: usize = 1 << 21;
+
+/// Weight rows per panel for `n` rows of `k` inputs on `threads` threads.
+pub fn panel_rows(n: usize, k: usize, threads: usize) -> usize {
+    let by_bytes = (PANEL_BYTES / (4 * k.max(1))).max(16);
+    n.div_ceil(threads.max(1)).clamp(1, by_bytes)
+}
 
 thread_local! {
     static PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };

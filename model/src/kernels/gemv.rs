@@ -41,13 +41,13 @@ fn run<const M: usize>(simd: bool, x: &[f32], w: &WeightMatrix, rows: Range<usiz
     let k = w.cols;
     #[cfg(target_arch = "x86_64")]
     if simd && super::simd_available() {
+        // SAFETY: simd_available() checked the CPU features; x holds M rows of k floats and
+        // out_t one slot per (row, m).
+        unsafe { super::x86::dot_rows::<M>(w, rows.clone(), x, k, out_t) };
         let body = k - k % super::x86::UNIT;
-        let mut tail_row = if body < k { vec![0.0; k] } else { Vec::new() };
-        for (n, out) in rows.zip(out_t.chunks_exact_mut(M)) {
-            // SAFETY: simd_available() checked the CPU features; x holds M rows of k floats.
-            let sums = unsafe { super::x86::dot_rows::<M>(w, n, x, k) };
-            out.copy_from_slice(&sums);
-            if body < k {
+        if body < k {
+            let mut tail_row = vec![0.0; k];
+            for (n, out) in rows.zip(out_t.chunks_exact_mut(M)) {
                 w.decode_row_scalar(n, &mut tail_row);
                 for (i, o) in out.iter_mut().enumerate() {
                     *o += dot_scalar(&tail_row[body..], &x[i * k + body..(i + 1) * k]);

@@ -151,3 +151,21 @@ fn dot_matches_scalar() {
     let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
     assert!((dot(&a, &b) as f64 - want).abs() < 1e-3);
 }
+
+#[test]
+fn matmul_many_equals_separate_products() {
+    let a = random_matrix(WeightFormat::Bf16, 300, 256, 1);
+    let b = random_matrix(WeightFormat::Fp8, 40, 256, 2);
+    let c = random_matrix(WeightFormat::F32, 7, 96, 3);
+    for m in [1, 3] {
+        let x: Vec<f32> = (0..m * 256).map(|i| (i as f32 * 0.1).sin()).collect();
+        let y: Vec<f32> = (0..m * 96).map(|i| (i as f32 * 0.2).cos()).collect();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let many = pool.install(|| {
+            matmul_many(&[MatmulJob { x: &x, m, w: &a }, MatmulJob { x: &x, m, w: &b }, MatmulJob { x: &y, m, w: &c }])
+        });
+        assert_eq!(many[0], matmul(&x, m, &a));
+        assert_eq!(many[1], matmul(&x, m, &b));
+        assert_eq!(many[2], matmul(&y, m, &c));
+    }
+}

@@ -35,9 +35,11 @@ pub(crate) enum WeightData {
     F32(Vec<f32>),
     Bf16(Bytes),
     /// Scales decoded to f32, `[ceil(rows/128), ceil(cols/128)]` (1/16384 of the weight bytes).
+    /// `row0` is the first row's offset inside its 128-row tile (non-zero for row-block views).
     Fp8 {
         codes: Bytes,
         scales: Vec<f32>,
+        row0: usize,
     },
     /// Scales kept as UE8M0 bytes `[rows, cols/32]`: as f32 they would add a quarter to the size.
     Fp4 {
@@ -73,7 +75,7 @@ impl WeightMatrix {
     pub fn from_fp8(rows: usize, cols: usize, codes: Bytes, scales: Vec<f32>) -> Result<Self, String> {
         check_len("fp8 weight", codes.len(), rows * cols)?;
         check_len("fp8 scale", scales.len() * 4, rows.div_ceil(FP8_TILE) * cols.div_ceil(FP8_TILE) * 4)?;
-        Ok(WeightMatrix { rows, cols, data: WeightData::Fp8 { codes, scales } })
+        Ok(WeightMatrix { rows, cols, data: WeightData::Fp8 { codes, scales, row0: 0 } })
     }
 
     /// Packed e2m1 codes `[rows, cols/2]` and UE8M0 scale bytes `[rows, cols/32]`.
@@ -105,15 +107,40 @@ impl WeightMatrix {
         match &self.data {
             WeightData::F32(v) => v.len() * 4,
             WeightData::Bf16(b) => b.len(),
-            WeightData::Fp8 { codes, scales } => codes.len() + scales.len() * 4,
+            WeightData::Fp8 { codes, scales, .. } => codes.len() + scales.len() * 4,
             WeightData::Fp4 { codes, scales } => codes.len() + scales.len(),
         }
     }
 
-    /// FP8 scale of the tile holding (`row`, input block `kb`).
+    /// A view of rows `rows` (no copy of the codes).
+    pub fn row_block(&self, rows: std::ops::Range<usize>) -> WeightMatrix {
+        assert!(rows.end <= self.rows);
+        let k = self.cols;
+        let data = match &self.data {
+            WeightData::F32(v) => WeightData::F32(v[rows.start * k..rows.end * k].to_vec()),
+            WeightData::Bf16(b) => WeightData::Bf16(b.slice(2 * rows.start * k..2 * rows.end * k)),
+            WeightData::Fp8 { codes, scales, row0 } => {
+                let tiles = k.div_ceil(FP8_TILE);
+                let (a, b) = (row0 + rows.start, row0 + rows.end);
+                let (t0, t1) = (a / FP8_TILE, b.div_ceil(FP8_TILE));
+                WeightData::Fp8 {
+                    codes: codes.slice(rows.start * k..rows.end * k),
+                    scales: scales[t0 * tiles..t1 * tiles].to_vec(),
+                    row0: a % FP8_TILE,
+                }
+            }
+            WeightData::Fp4 { codes, scales } => WeightData::Fp4 {
+                codes: codes.slice(rows.start * k / 2..rows.end * k / 2),
+                scales: scales.slice(rows.start * k / FP4_BLOCK..rows.end * k / FP4_BLOCK),
+            },
+        };
+        WeightMatrix { rows: rows.len(), cols: k, data }
+    }
+
+    /// FP8 scale of the tile holding (`row`, input block `kb`); `row0` as in `WeightData::Fp8`.
     #[inline]
-    pub(crate) fn fp8_scale(scales: &[f32], cols: usize, row: usize, kb: usize) -> f32 {
-        scales[(row / FP8_TILE) * cols.div_ceil(FP8_TILE) + kb]
+    pub(crate) fn fp8_scale(scales: &[f32], cols: usize, row0: usize, row: usize, kb: usize) -> f32 {
+        scales[((row + row0) / FP8_TILE) * cols.div_ceil(FP8_TILE) + kb]
     }
 
     /// Decodes row `row` to f32 with plain scalar code: the reference the SIMD paths are tested
@@ -129,10 +156,10 @@ impl WeightMatrix {
                     *o = f32::from_bits((u16::from_le_bytes([pair[0], pair[1]]) as u32) << 16);
                 }
             }
-            WeightData::Fp8 { codes, scales } => {
+            WeightData::Fp8 { codes, scales, row0 } => {
                 let src = &codes.as_slice()[row * k..(row + 1) * k];
                 for (kb, (o, c)) in out.chunks_mut(FP8_TILE).zip(src.chunks(FP8_TILE)).enumerate() {
-                    let s = Self::fp8_scale(scales, k, row, kb);
+                    let s = Self::fp8_scale(scales, k, *row0, row, kb);
                     for (o, &c) in o.iter_mut().zip(c) {
                         *o = e4m3_to_f32(c) * s;
                     }

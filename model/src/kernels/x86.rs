@@ -24,14 +24,15 @@ unsafe fn bf16x8(p: *const u8) -> __m256 {
     _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(raw)))
 }
 
-/// Eight e4m3 codes as f32, times 2^-8.
+/// Sixteen e4m3 codes as two vectors of f32, each value times 2^-8: sign-extend to 16 bits,
+/// shift left by 7 and clear bit 14, which yields the f16 with the same bits.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn fp8x8(p: *const u8) -> __m256 {
-    let raw = unsafe { _mm_loadl_epi64(p as *const __m128i) };
-    let wide = _mm_cvtepi8_epi16(raw);
-    let half = _mm_and_si128(_mm_slli_epi16::<7>(wide), _mm_set1_epi16(0xBFFFu16 as i16));
-    _mm256_cvtph_ps(half)
+unsafe fn fp8x16(p: *const u8) -> (__m256, __m256) {
+    let raw = unsafe { _mm_loadu_si128(p as *const __m128i) };
+    let wide = _mm256_cvtepi8_epi16(raw);
+    let half = _mm256_and_si256(_mm256_slli_epi16::<7>(wide), _mm256_set1_epi16(0xBFFFu16 as i16));
+    (_mm256_cvtph_ps(_mm256_castsi256_si128(half)), _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(half)))
 }
 
 /// 32 packed e2m1 codes (16 bytes, even index in the low nibble) as f32.
@@ -74,42 +75,6 @@ unsafe fn fp4x32(p: *const u8) -> [__m256; 4] {
     ]
 }
 
-/// Decodes inputs `i..i + 32` of `row` (a multiple of 32) into four f32 vectors, scaled.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn decode_unit(w: &WeightMatrix, row: usize, i: usize) -> [__m256; 4] {
-    let k = w.cols;
-    unsafe {
-        match &w.data {
-            WeightData::F32(v) => {
-                let p = v.as_ptr().add(row * k + i);
-                [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))]
-            }
-            WeightData::Bf16(b) => {
-                let p = b.as_slice().as_ptr().add(2 * (row * k + i));
-                [bf16x8(p), bf16x8(p.add(16)), bf16x8(p.add(32)), bf16x8(p.add(48))]
-            }
-            WeightData::Fp8 { codes, scales } => {
-                let p = codes.as_slice().as_ptr().add(row * k + i);
-                let s = _mm256_set1_ps(WeightMatrix::fp8_scale(scales, k, row, i / FP8_TILE) * 256.0);
-                [
-                    _mm256_mul_ps(fp8x8(p), s),
-                    _mm256_mul_ps(fp8x8(p.add(8)), s),
-                    _mm256_mul_ps(fp8x8(p.add(16)), s),
-                    _mm256_mul_ps(fp8x8(p.add(24)), s),
-                ]
-            }
-            WeightData::Fp4 { codes, scales } => {
-                let p = codes.as_slice().as_ptr().add((row * k + i) / 2);
-                let code = *scales.as_slice().get_unchecked((row * k + i) / FP4_BLOCK);
-                let s = _mm256_set1_ps(crate::numerics::e8m0_to_f32(code));
-                let v = fp4x32(p);
-                [_mm256_mul_ps(v[0], s), _mm256_mul_ps(v[1], s), _mm256_mul_ps(v[2], s), _mm256_mul_ps(v[3], s)]
-            }
-        }
-    }
-}
-
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 fn hsum(v: __m256) -> f32 {
@@ -119,61 +84,348 @@ fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
-/// Dot products of `row` with `M` activation rows (`x[m * x_stride ..]`, each `cols` long) over
-/// the inputs `0..cols - cols % 32`; the caller adds the remainder.
-///
-/// # Safety
-/// AVX2/FMA/F16C must be available; `x` must hold `M` rows of `x_stride >= cols` floats.
+/// One 32-input step of a weight row: the decoded values and the scale that multiplies them.
+/// Implementations hold the row's base pointers, so the per-step work is loads and arithmetic
+/// only (no format dispatch, no bounds checks): that is what lets the kernel run at memory speed.
+/// Keeping the scale apart lets the dot product apply it once per step, with the accumulation's
+/// own FMA, instead of once per vector.
+trait RowDecoder {
+    /// Whether `unit` returns a scale other than 1.
+    const SCALED: bool;
+    /// # Safety
+    /// `i` must be a multiple of 32 inside the row; the pointers must cover the row.
+    unsafe fn unit(&self, i: usize) -> ([__m256; 4], __m256);
+}
+
+struct F32Row(*const f32);
+struct Bf16Row(*const u8);
+struct Fp8Row {
+    codes: *const u8,
+    /// Scales of this row's 128×128 tiles (`unit` adds the 2^8 of `fp8x16`).
+    scales: *const f32,
+}
+struct Fp4Row {
+    codes: *const u8,
+    scales: *const u8,
+}
+
+impl RowDecoder for F32Row {
+    const SCALED: bool = false;
+    #[inline(always)]
+    unsafe fn unit(&self, i: usize) -> ([__m256; 4], __m256) {
+        unsafe {
+            let p = self.0.add(i);
+            let v =
+                [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))];
+            (v, _mm256_set1_ps(1.0))
+        }
+    }
+}
+
+impl RowDecoder for Bf16Row {
+    const SCALED: bool = false;
+    #[inline(always)]
+    unsafe fn unit(&self, i: usize) -> ([__m256; 4], __m256) {
+        unsafe {
+            let p = self.0.add(2 * i);
+            ([bf16x8(p), bf16x8(p.add(16)), bf16x8(p.add(32)), bf16x8(p.add(48))], _mm256_set1_ps(1.0))
+        }
+    }
+}
+
+impl RowDecoder for Fp8Row {
+    const SCALED: bool = true;
+    #[inline(always)]
+    unsafe fn unit(&self, i: usize) -> ([__m256; 4], __m256) {
+        unsafe {
+            let p = self.codes.add(i);
+            let (a, b) = fp8x16(p);
+            let (c, d) = fp8x16(p.add(16));
+            ([a, b, c, d], _mm256_set1_ps(*self.scales.add(i / FP8_TILE) * 256.0))
+        }
+    }
+}
+
+impl RowDecoder for Fp4Row {
+    const SCALED: bool = true;
+    #[inline(always)]
+    unsafe fn unit(&self, i: usize) -> ([__m256; 4], __m256) {
+        unsafe {
+            // UE8M0 → f32 by placing the byte in the exponent field (codes 1..=254).
+            let s = _mm256_castsi256_ps(_mm256_set1_epi32((*self.scales.add(i / FP4_BLOCK) as i32) << 23));
+            (fp4x32(self.codes.add(i / 2)), s)
+        }
+    }
+}
+
+/// Dot products over the 32-aligned body of a row, for `M` activation rows, left as vectors
+/// (the caller reduces eight rows at a time).
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_rows<const M: usize>(w: &WeightMatrix, row: usize, x: &[f32], x_stride: usize) -> [f32; M] {
-    let body = w.cols - w.cols % UNIT;
+unsafe fn dot_body<D: RowDecoder, const M: usize>(d: &D, body: usize, x: *const f32, x_stride: usize) -> [__m256; M] {
     let mut acc = [_mm256_setzero_ps(); M];
-    let xp = x.as_ptr();
     let mut i = 0;
     while i < body {
-        let wv = unsafe { decode_unit(w, row, i) };
+        let (wv, scale) = unsafe { d.unit(i) };
         for (m, a) in acc.iter_mut().enumerate() {
-            // One short chain per unit keeps the loop-carried dependency to a single add.
+            // One short chain per unit keeps the loop-carried dependency to a single add/FMA.
             unsafe {
-                let xm = xp.add(m * x_stride + i);
+                let xm = x.add(m * x_stride + i);
                 let mut t = _mm256_mul_ps(wv[0], _mm256_loadu_ps(xm));
                 t = _mm256_fmadd_ps(wv[1], _mm256_loadu_ps(xm.add(8)), t);
                 t = _mm256_fmadd_ps(wv[2], _mm256_loadu_ps(xm.add(16)), t);
                 t = _mm256_fmadd_ps(wv[3], _mm256_loadu_ps(xm.add(24)), t);
-                *a = _mm256_add_ps(*a, t);
+                *a = if D::SCALED { _mm256_fmadd_ps(t, scale, *a) } else { _mm256_add_ps(*a, t) };
             }
         }
         i += UNIT;
     }
-    let mut out = [0.0f32; M];
-    for (o, a) in out.iter_mut().zip(acc) {
-        *o = hsum(a);
+    acc
+}
+
+/// Horizontal sums of eight vectors at once (a transpose-and-add tree): per row this costs about
+/// one instruction instead of a full reduction, which matters for short rows.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn hsum8(v: &[__m256; 8]) -> __m256 {
+    let h01 = _mm256_hadd_ps(v[0], v[1]);
+    let h23 = _mm256_hadd_ps(v[2], v[3]);
+    let h45 = _mm256_hadd_ps(v[4], v[5]);
+    let h67 = _mm256_hadd_ps(v[6], v[7]);
+    let h0123 = _mm256_hadd_ps(h01, h23);
+    let h4567 = _mm256_hadd_ps(h45, h67);
+    let lo = _mm256_permute2f128_ps::<0x20>(h0123, h4567);
+    let hi = _mm256_permute2f128_ps::<0x31>(h0123, h4567);
+    _mm256_add_ps(lo, hi)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn decode_body<D: RowDecoder>(d: &D, body: usize, out: *mut f32) {
+    let mut i = 0;
+    while i < body {
+        unsafe {
+            let (v, scale) = d.unit(i);
+            for (j, vec) in v.into_iter().enumerate() {
+                _mm256_storeu_ps(out.add(i + 8 * j), if D::SCALED { _mm256_mul_ps(vec, scale) } else { vec });
+            }
+        }
+        i += UNIT;
     }
-    out
+}
+
+/// Row decoders of one matrix: built once per call, so the format dispatch happens once per call
+/// rather than once per row.
+trait RowSource {
+    type Row: RowDecoder;
+    fn row(&self, r: usize) -> Self::Row;
+}
+
+struct F32Rows(*const f32, usize);
+struct Bf16Rows(*const u8, usize);
+struct Fp8Rows {
+    codes: *const u8,
+    scales: *const f32,
+    cols: usize,
+    row0: usize,
+}
+struct Fp4Rows {
+    codes: *const u8,
+    scales: *const u8,
+    cols: usize,
+}
+
+impl RowSource for F32Rows {
+    type Row = F32Row;
+    #[inline(always)]
+    fn row(&self, r: usize) -> F32Row {
+        F32Row(self.0.wrapping_add(r * self.1))
+    }
+}
+impl RowSource for Bf16Rows {
+    type Row = Bf16Row;
+    #[inline(always)]
+    fn row(&self, r: usize) -> Bf16Row {
+        Bf16Row(self.0.wrapping_add(2 * r * self.1))
+    }
+}
+impl RowSource for Fp8Rows {
+    type Row = Fp8Row;
+    #[inline(always)]
+    fn row(&self, r: usize) -> Fp8Row {
+        let tiles = self.cols.div_ceil(FP8_TILE);
+        Fp8Row {
+            codes: self.codes.wrapping_add(r * self.cols),
+            scales: self.scales.wrapping_add(((r + self.row0) / FP8_TILE) * tiles),
+        }
+    }
+}
+impl RowSource for Fp4Rows {
+    type Row = Fp4Row;
+    #[inline(always)]
+    fn row(&self, r: usize) -> Fp4Row {
+        Fp4Row {
+            codes: self.codes.wrapping_add(r * self.cols / 2),
+            scales: self.scales.wrapping_add(r * self.cols / FP4_BLOCK),
+        }
+    }
+}
+
+/// Calls `$body` with `$src` bound to the static row-source type of `w`'s format.
+macro_rules! with_source {
+    ($w:expr, |$src:ident| $body:expr) => {{
+        let w = $w;
+        let k = w.cols;
+        match &w.data {
+            WeightData::F32(v) => {
+                let $src = F32Rows(v.as_ptr(), k);
+                $body
+            }
+            WeightData::Bf16(b) => {
+                let $src = Bf16Rows(b.as_slice().as_ptr(), k);
+                $body
+            }
+            WeightData::Fp8 { codes, scales, row0 } => {
+                let $src = Fp8Rows { codes: codes.as_slice().as_ptr(), scales: scales.as_ptr(), cols: k, row0: *row0 };
+                $body
+            }
+            WeightData::Fp4 { codes, scales } => {
+                let $src = Fp4Rows { codes: codes.as_slice().as_ptr(), scales: scales.as_slice().as_ptr(), cols: k };
+                $body
+            }
+        }
+    }};
+}
+
+/// Four rows against one activation row, the activation chunk loaded once for the four.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot4_body<D: RowDecoder>(rows: [&D; 4], body: usize, x: *const f32) -> [__m256; 4] {
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i < body {
+        unsafe {
+            let xv = [
+                _mm256_loadu_ps(x.add(i)),
+                _mm256_loadu_ps(x.add(i + 8)),
+                _mm256_loadu_ps(x.add(i + 16)),
+                _mm256_loadu_ps(x.add(i + 24)),
+            ];
+            for (d, a) in rows.iter().zip(acc.iter_mut()) {
+                let (wv, scale) = d.unit(i);
+                let mut t = _mm256_mul_ps(wv[0], xv[0]);
+                t = _mm256_fmadd_ps(wv[1], xv[1], t);
+                t = _mm256_fmadd_ps(wv[2], xv[2], t);
+                t = _mm256_fmadd_ps(wv[3], xv[3], t);
+                *a = if D::SCALED { _mm256_fmadd_ps(t, scale, *a) } else { _mm256_add_ps(*a, t) };
+            }
+        }
+        i += UNIT;
+    }
+    acc
+}
+
+/// One activation row (decode): the row range is cut into four quarters walked side by side, so
+/// four long sequential streams are in flight at once. One stream per core stays latency-bound
+/// (about 7 GB/s here); four reach the memory bandwidth, for short rows too (the tiny model's rows
+/// are 128–256 inputs). Results are reduced eight rows at a time.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows_body_single<S: RowSource>(
+    src: &S,
+    rows: std::ops::Range<usize>,
+    body: usize,
+    x: *const f32,
+    out: &mut [f32],
+) {
+    let n = rows.len();
+    let q = n / 8 * 2; // rows per quarter, even so that two steps fill a group of eight
+    let starts = [0, q, 2 * q, 3 * q];
+    let mut i = 0;
+    while i < q {
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for step in 0..2 {
+            let d = starts.map(|s| src.row(rows.start + s + i + step));
+            let v = unsafe { dot4_body(d.each_ref(), body, x) };
+            acc[4 * step..4 * step + 4].copy_from_slice(&v);
+        }
+        let mut sums = [0.0f32; 8];
+        unsafe { _mm256_storeu_ps(sums.as_mut_ptr(), hsum8(&acc)) };
+        for step in 0..2 {
+            for (k, s) in starts.iter().enumerate() {
+                out[s + i + step] = sums[4 * step + k];
+            }
+        }
+        i += 2;
+    }
+    unsafe { rows_body::<S, 1>(src, rows.start + 4 * q..rows.end, body, x, 0, &mut out[4 * q..]) };
+}
+
+/// Several activation rows: rows are walked in memory order and reduced eight at a time.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows_body<S: RowSource, const M: usize>(
+    src: &S,
+    rows: std::ops::Range<usize>,
+    body: usize,
+    x: *const f32,
+    x_stride: usize,
+    out_t: &mut [f32],
+) {
+    let mut r = rows.start;
+    let mut o = 0;
+    while r < rows.end {
+        let group = (rows.end - r).min(8);
+        let mut acc = [[_mm256_setzero_ps(); 8]; M];
+        for j in 0..group {
+            let v = unsafe { dot_body::<_, M>(&src.row(r + j), body, x, x_stride) };
+            for (a, vm) in acc.iter_mut().zip(v) {
+                a[j] = vm;
+            }
+        }
+        let mut sums = [[0.0f32; 8]; M];
+        for (s, a) in sums.iter_mut().zip(&acc) {
+            unsafe { _mm256_storeu_ps(s.as_mut_ptr(), hsum8(a)) };
+        }
+        for j in 0..group {
+            for m in 0..M {
+                out_t[o + j * M + m] = sums[m][j];
+            }
+        }
+        r += group;
+        o += group * M;
+    }
+}
+
+/// `out_t[(n - rows.start) * M + m] = Σ_k W[n][k] · x[m][k]` over the inputs
+/// `0..cols - cols % 32`; the caller adds the remainder.
+///
+/// # Safety
+/// AVX2/FMA/F16C must be available; `x` must hold `M` rows of `x_stride >= cols` floats;
+/// `out_t` must hold `rows.len() * M` floats; `rows` must lie inside the matrix.
+pub unsafe fn dot_rows<const M: usize>(
+    w: &WeightMatrix,
+    rows: std::ops::Range<usize>,
+    x: &[f32],
+    x_stride: usize,
+    out_t: &mut [f32],
+) {
+    let body = w.cols - w.cols % UNIT;
+    assert!(x.len() >= (M - 1) * x_stride + w.cols && out_t.len() >= rows.len() * M && rows.end <= w.rows);
+    if M == 1 {
+        with_source!(w, |src| unsafe { rows_body_single(&src, rows, body, x.as_ptr(), out_t) })
+    } else {
+        with_source!(w, |src| unsafe { rows_body::<_, M>(&src, rows, body, x.as_ptr(), x_stride, out_t) })
+    }
 }
 
 /// Decodes `row` into `out` (`cols` floats).
 ///
 /// # Safety
 /// AVX2/FMA/F16C must be available.
-#[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn decode_row(w: &WeightMatrix, row: usize, out: &mut [f32]) {
+    assert!(out.len() >= w.cols);
     let body = w.cols - w.cols % UNIT;
-    let op = out.as_mut_ptr();
-    let mut i = 0;
-    while i < body {
-        unsafe {
-            let v = decode_unit(w, row, i);
-            for (j, vec) in v.into_iter().enumerate() {
-                _mm256_storeu_ps(op.add(i + 8 * j), vec);
-            }
-        }
-        i += UNIT;
-    }
+    with_source!(w, |src| unsafe { decode_body(&src.row(row), body, out.as_mut_ptr()) });
     if body < w.cols {
         let mut tmp = vec![0.0; w.cols];
         w.decode_row_scalar(row, &mut tmp);
-        out[body..].copy_from_slice(&tmp[body..]);
+        out[body..w.cols].copy_from_slice(&tmp[body..]);
     }
 }
 

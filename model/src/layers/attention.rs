@@ -9,7 +9,7 @@
 use rayon::prelude::*;
 
 use super::QuantSim;
-use super::compressor::{Compressor, CompressorState, KV_SIM_BLOCK};
+use super::compressor::{Compressor, CompressorState, KV_SIM_BLOCK, Projected};
 use super::indexer::Indexer;
 use super::linear::Linear;
 use super::norm::{RmsNorm, rms_normalize};
@@ -30,8 +30,9 @@ pub struct Attention {
     wq_b: Linear,
     wkv: Linear,
     kv_norm: RmsNorm,
-    /// The reference dequantises `wo_a` and multiplies in bf16: never input-quantised.
-    wo_a: Linear,
+    /// The reference dequantises `wo_a` and multiplies in bf16: never input-quantised. Kept as
+    /// one row-block view per output group.
+    wo_a: Vec<kernels::WeightMatrix>,
     wo_b: Linear,
     sink: Vec<f32>,
     compressor: Option<Compressor>,
@@ -102,13 +103,11 @@ impl Attention {
             wq_b: Linear::load(ckpt, &format!("{p}.wq_b.weight"), h * hd, q, quantize_inputs)?,
             wkv: Linear::load(ckpt, &format!("{p}.wkv.weight"), hd, d, quantize_inputs)?,
             kv_norm: RmsNorm::load(ckpt, &format!("{p}.kv_norm.weight"), hd, cfg.norm_eps)?,
-            wo_a: Linear::load(
-                ckpt,
-                &format!("{p}.wo_a.weight"),
-                cfg.o_groups * cfg.o_lora_rank,
-                cfg.group_width(),
-                false,
-            )?,
+            wo_a: {
+                let (g, r) = (cfg.o_groups, cfg.o_lora_rank);
+                let w = ckpt.linear(&format!("{p}.wo_a.weight"), g * r, cfg.group_width())?;
+                (0..g).map(|i| w.row_block(i * r..(i + 1) * r)).collect()
+            },
             wo_b: Linear::load(ckpt, &format!("{p}.wo_b.weight"), d, cfg.o_groups * cfg.o_lora_rank, quantize_inputs)?,
             sink: ckpt.vector(&format!("{p}.attn_sink"), &[h])?,
             compressor,
@@ -130,7 +129,8 @@ impl Attention {
     }
 
     pub fn bytes(&self) -> usize {
-        [&self.wq_a, &self.wq_b, &self.wkv, &self.wo_a, &self.wo_b].iter().map(|l| l.bytes()).sum::<usize>()
+        [&self.wq_a, &self.wq_b, &self.wkv, &self.wo_b].iter().map(|l| l.bytes()).sum::<usize>()
+            + self.wo_a.iter().map(|w| w.stored_bytes()).sum::<usize>()
             + self.q_norm.bytes()
             + self.kv_norm.bytes()
             + self.sink.len() * 4
@@ -156,17 +156,35 @@ impl Attention {
         let angles: Vec<RopeAngles> =
             chunks.iter().flat_map(|c| (c.t0..c.t0 + c.len).map(|t| self.rope.angles(t))).collect();
 
-        // Queries: low-rank path, weightless per-head norm, RoPE.
-        let mut qr = self.wq_a.forward(x, tokens);
+        // Every projection of x at once, then every projection of the query latent qr.
+        let mut of_x: Vec<(&Linear, &[f32])> = vec![(&self.wq_a, x), (&self.wkv, x)];
+        if let Some(c) = &self.compressor {
+            of_x.extend([(&c.wkv, x), (&c.wgate, x)]);
+        }
+        if let Some(ix) = &self.indexer {
+            of_x.extend([(&ix.compressor.wkv, x), (&ix.compressor.wgate, x), (&ix.weights_proj, x)]);
+        }
+        let mut outs = Linear::forward_many(&of_x, tokens).into_iter();
+        let mut next = || outs.next().expect("one output per projection");
+        let (mut qr, mut kv) = (next(), next());
+        let projected = self.compressor.as_ref().map(|_| Projected { kv: next(), score: next() });
+        let index_proj = self.indexer.as_ref().map(|_| (Projected { kv: next(), score: next() }, next()));
         self.q_norm.apply(&mut qr);
-        let mut q = self.wq_b.forward(&qr, tokens);
+        let mut of_qr: Vec<(&Linear, &[f32])> = vec![(&self.wq_b, &qr)];
+        if let Some(ix) = &self.indexer {
+            of_qr.push((&ix.wq_b, &qr));
+        }
+        let mut outs = Linear::forward_many(&of_qr, tokens).into_iter();
+        let mut q = outs.next().expect("wq_b output");
+        let index_q = outs.next();
+
+        // Queries: weightless per-head norm, RoPE.
         for (t, row) in q.chunks_exact_mut(h * hd).enumerate() {
             rms_normalize(row, hd, self.eps);
             row.chunks_exact_mut(hd).for_each(|head| angles[t].rotate(head));
         }
 
         // The window latent (key = value), FP8-simulated on its non-rotary channels.
-        let mut kv = self.wkv.forward(x, tokens);
         self.kv_norm.apply(&mut kv);
         for (t, row) in kv.chunks_exact_mut(hd).enumerate() {
             angles[t].rotate(row);
@@ -175,15 +193,13 @@ impl Attention {
             }
         }
 
-        // Compressed entries and indexer keys: projections batched, state machines per sequence.
-        let projected = self.compressor.as_ref().map(|c| c.project(x, tokens));
-        let index_inputs = self.indexer.as_ref().map(|ix| {
-            (
-                ix.queries(&qr, tokens, &angles, sim.indexer_fp4),
-                ix.head_weights(x, tokens),
-                ix.compressor.project(x, tokens),
-            )
-        });
+        // Compressed entries and indexer keys: state machines per sequence.
+        let index_inputs = match (&self.indexer, index_q, index_proj) {
+            (Some(ix), Some(iq), Some((p, w))) => {
+                Some((ix.queries(iq, &angles, sim.indexer_fp4), ix.head_weights(w), p))
+            }
+            _ => None,
+        };
         states.par_iter_mut().zip(chunks).for_each(|(state, c)| {
             let rows = c.row0..c.row0 + c.len;
             if let (Some(ix), Some((_, _, p))) = (&self.indexer, &index_inputs) {
@@ -274,19 +290,19 @@ impl Attention {
 
     /// Grouped low-rank output: `u_g = Wo_a[g] · o_g`, then `Wo_b · concat(u)`.
     fn project_out(&self, o: &[f32], tokens: usize) -> Vec<f32> {
-        let gw = o.len() / tokens / self.groups;
-        let mut u = vec![0.0f32; tokens * self.groups * self.o_rank];
-        let mut group_in = vec![0.0f32; tokens * gw];
-        for g in 0..self.groups {
+        let (g_n, r) = (self.groups, self.o_rank);
+        let gw = o.len() / tokens / g_n;
+        // Each group's input is its heads' outputs, and its weight a row block of wo_a.
+        let inputs: Vec<Vec<f32>> = (0..g_n)
+            .map(|g| (0..tokens).flat_map(|t| o[t * g_n * gw + g * gw..][..gw].iter().copied()).collect())
+            .collect();
+        let jobs: Vec<kernels::MatmulJob<'_>> =
+            inputs.iter().zip(&self.wo_a).map(|(x, w)| kernels::MatmulJob { x, m: tokens, w }).collect();
+        let ug = kernels::matmul_many(&jobs);
+        let mut u = vec![0.0f32; tokens * g_n * r];
+        for (g, part) in ug.iter().enumerate() {
             for t in 0..tokens {
-                let src = &o[t * self.groups * gw + g * gw..][..gw];
-                group_in[t * gw..(t + 1) * gw].copy_from_slice(src);
-            }
-            let rows = g * self.o_rank..(g + 1) * self.o_rank;
-            let ug = kernels::matmul_rows(&group_in, tokens, &self.wo_a.weight, rows);
-            for t in 0..tokens {
-                u[t * self.groups * self.o_rank + g * self.o_rank..][..self.o_rank]
-                    .copy_from_slice(&ug[t * self.o_rank..(t + 1) * self.o_rank]);
+                u[t * g_n * r + g * r..][..r].copy_from_slice(&part[t * r..(t + 1) * r]);
             }
         }
         self.wo_b.forward(&u, tokens)

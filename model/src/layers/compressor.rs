@@ -6,7 +6,7 @@
 use crate::checkpoint::Checkpoint;
 use crate::config::CSA_RATIO;
 use crate::error::ModelError;
-use crate::kernels::{self, WeightMatrix};
+use crate::layers::linear::Linear;
 use crate::layers::norm::RmsNorm;
 use crate::layers::rope::Rope;
 use crate::numerics::{fp4_sim, fp8_sim, hadamard_in_place};
@@ -18,8 +18,9 @@ pub const INDEX_SIM_BLOCK: usize = 32;
 
 #[derive(Clone, Debug)]
 pub struct Compressor {
-    wkv: WeightMatrix,
-    wgate: WeightMatrix,
+    /// Projections kept in full precision (never input-quantised, even in FP8 checkpoints).
+    pub wkv: Linear,
+    pub wgate: Linear,
     /// Position bias inside the block, `[m, coff·c]`.
     ape: Vec<f32>,
     norm: RmsNorm,
@@ -46,7 +47,8 @@ impl CompressorState {
     }
 }
 
-/// Projections of a run of tokens, computed batched before the sequential absorb.
+/// Projections `A = Wkv x`, `Z = Wgate x` of a run of tokens (fp32, no input quantisation: the
+/// official compressor keeps them in full precision), computed batched before the absorb.
 pub struct Projected {
     pub kv: Vec<f32>,
     pub score: Vec<f32>,
@@ -64,8 +66,8 @@ impl Compressor {
         let overlap = ratio == CSA_RATIO;
         let coff = 1 + overlap as usize;
         Ok(Compressor {
-            wkv: ckpt.matrix(&format!("{prefix}.wkv.weight"), coff * width, cfg.dim)?,
-            wgate: ckpt.matrix(&format!("{prefix}.wgate.weight"), coff * width, cfg.dim)?,
+            wkv: Linear::new(ckpt.matrix(&format!("{prefix}.wkv.weight"), coff * width, cfg.dim)?, false),
+            wgate: Linear::new(ckpt.matrix(&format!("{prefix}.wgate.weight"), coff * width, cfg.dim)?, false),
             ape: ckpt.vector(&format!("{prefix}.ape"), &[ratio, coff * width])?,
             norm: RmsNorm::load(ckpt, &format!("{prefix}.norm.weight"), width, cfg.norm_eps)?,
             ratio,
@@ -85,7 +87,7 @@ impl Compressor {
     }
 
     pub fn bytes(&self) -> usize {
-        self.wkv.stored_bytes() + self.wgate.stored_bytes() + self.ape.len() * 4 + self.norm.bytes()
+        self.wkv.bytes() + self.wgate.bytes() + self.ape.len() * 4 + self.norm.bytes()
     }
 
     pub fn new_state(&self) -> CompressorState {
@@ -96,12 +98,6 @@ impl Compressor {
     /// Bytes of one sequence's state (spec §8.1).
     pub fn state_bytes(&self) -> usize {
         2 * self.coff() * self.ratio * self.coff() * self.width * 4
-    }
-
-    /// `A = Wkv x`, `Z = Wgate x` for `tokens` rows (fp32, no input quantisation: the official
-    /// compressor keeps these projections in full precision).
-    pub fn project(&self, x: &[f32], tokens: usize) -> Projected {
-        Projected { kv: kernels::matmul(x, tokens, &self.wkv), score: kernels::matmul(x, tokens, &self.wgate) }
     }
 
     /// Feeds tokens `t0..t0+len` (rows `rows` of `p`) through the state machine and returns the

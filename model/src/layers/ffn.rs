@@ -33,8 +33,9 @@ impl Ffn {
 
     /// `x` is `[m, dim]`; `row_weights` (one per row) scale the activation before `W2`.
     pub fn forward(&self, x: &[f32], m: usize, row_weights: Option<&[f32]>) -> Vec<f32> {
-        let mut gate = self.w1.forward(x, m);
-        let up = self.w3.forward(x, m);
+        let mut both = Linear::forward_many(&[(&self.w1, x), (&self.w3, x)], m);
+        let up = both.pop().expect("two outputs");
+        let mut gate = both.pop().expect("two outputs");
         let inter = self.w1.out_features();
         for (r, (g_row, u_row)) in gate.chunks_exact_mut(inter).zip(up.chunks_exact(inter)).enumerate() {
             let scale = row_weights.map_or(1.0, |w| w[r]);

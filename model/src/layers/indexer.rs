@@ -4,7 +4,7 @@
 use crate::checkpoint::Checkpoint;
 use crate::config::{CSA_RATIO, ModelConfig};
 use crate::error::ModelError;
-use crate::kernels::{self, WeightMatrix};
+use crate::kernels;
 use crate::layers::compressor::{Compressor, INDEX_SIM_BLOCK};
 use crate::layers::linear::Linear;
 use crate::layers::rope::RopeAngles;
@@ -13,8 +13,8 @@ use crate::numerics::{fp4_sim, hadamard_in_place};
 
 #[derive(Clone, Debug)]
 pub struct Indexer {
-    wq_b: Linear,
-    weights_proj: WeightMatrix,
+    pub wq_b: Linear,
+    pub weights_proj: Linear,
     pub compressor: Compressor,
     heads: usize,
     head_dim: usize,
@@ -29,7 +29,7 @@ impl Indexer {
         let (hi, di) = (cfg.index_n_heads, cfg.index_head_dim);
         Ok(Indexer {
             wq_b: Linear::load(ckpt, &format!("{prefix}.wq_b.weight"), hi * di, cfg.q_lora_rank, quantize_inputs)?,
-            weights_proj: ckpt.matrix(&format!("{prefix}.weights_proj.weight"), hi, cfg.dim)?,
+            weights_proj: Linear::new(ckpt.matrix(&format!("{prefix}.weights_proj.weight"), hi, cfg.dim)?, false),
             compressor: Compressor::load(ckpt, &format!("{prefix}.compressor"), CSA_RATIO, di, true)?,
             heads: hi,
             head_dim: di,
@@ -39,7 +39,7 @@ impl Indexer {
     }
 
     pub fn bytes(&self) -> usize {
-        self.wq_b.bytes() + self.weights_proj.stored_bytes() + self.compressor.bytes()
+        self.wq_b.bytes() + self.weights_proj.bytes() + self.compressor.bytes()
     }
 
     pub fn heads(&self) -> usize {
@@ -50,10 +50,9 @@ impl Indexer {
         self.head_dim
     }
 
-    /// Indexer queries `[T, Hi·Di]` from the query latent `qr`: RoPE on each head's last
-    /// channels at the token's position, Hadamard, then the FP4 simulation.
-    pub fn queries(&self, qr: &[f32], tokens: usize, angles: &[RopeAngles], simulate: bool) -> Vec<f32> {
-        let mut q = self.wq_b.forward(qr, tokens);
+    /// Indexer queries `[T, Hi·Di]` from `wq_b(qr)`: RoPE on each head's last channels at the
+    /// token's position, Hadamard, then the FP4 simulation.
+    pub fn queries(&self, mut q: Vec<f32>, angles: &[RopeAngles], simulate: bool) -> Vec<f32> {
         for (t, row) in q.chunks_exact_mut(self.heads * self.head_dim).enumerate() {
             for head in row.chunks_exact_mut(self.head_dim) {
                 angles[t].rotate(head);
@@ -66,9 +65,8 @@ impl Indexer {
         q
     }
 
-    /// Per-head weights `[T, Hi]`.
-    pub fn head_weights(&self, x: &[f32], tokens: usize) -> Vec<f32> {
-        let mut w = kernels::matmul(x, tokens, &self.weights_proj);
+    /// Per-head weights `[T, Hi]` from `weights_proj(x)`.
+    pub fn head_weights(&self, mut w: Vec<f32>) -> Vec<f32> {
         w.iter_mut().for_each(|v| *v *= self.weight_scale);
         w
     }

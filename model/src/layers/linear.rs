@@ -1,6 +1,8 @@
 //! A linear layer over a stored weight. FP8/FP4 weights quantise their input to FP8 in 1×128
 //! blocks first, as the official `linear()` does before `fp8_gemm`/`fp4_gemm` (spec §9.2).
 
+use std::borrow::Cow;
+
 use crate::checkpoint::Checkpoint;
 use crate::error::ModelError;
 use crate::kernels::{self, WeightMatrix};
@@ -42,13 +44,27 @@ impl Linear {
 
     /// `y = x Wᵀ` for `m` rows of input.
     pub fn forward(&self, x: &[f32], m: usize) -> Vec<f32> {
+        kernels::matmul(&self.input(x), m, &self.weight)
+    }
+
+    /// The GEMM's input: `x` itself, or its FP8 rounding for FP8/FP4 weights.
+    fn input<'a>(&self, x: &'a [f32]) -> Cow<'a, [f32]> {
         if self.quantize_input {
             let mut q = x.to_vec();
             fp8_sim(&mut q, ACT_BLOCK.min(self.in_features()));
-            kernels::matmul(&q, m, &self.weight)
+            Cow::Owned(q)
         } else {
-            kernels::matmul(x, m, &self.weight)
+            Cow::Borrowed(x)
         }
+    }
+
+    /// Several linears over inputs of `m` rows each, computed together (see
+    /// [`kernels::matmul_many`]).
+    pub fn forward_many(pairs: &[(&Linear, &[f32])], m: usize) -> Vec<Vec<f32>> {
+        let inputs: Vec<Cow<'_, [f32]>> = pairs.iter().map(|(l, x)| l.input(x)).collect();
+        let jobs: Vec<kernels::MatmulJob<'_>> =
+            pairs.iter().zip(&inputs).map(|((l, _), x)| kernels::MatmulJob { x, m, w: &l.weight }).collect();
+        kernels::matmul_many(&jobs)
     }
 
     pub fn bytes(&self) -> usize {

@@ -1,0 +1,85 @@
+//! Achieved weight bandwidth of the matrix-vector kernels (one activation row, the decode case)
+//! for bf16, FP8 and FP4 matrices of several hundred MiB to GiB, against the memory-read bandwidth
+//! measured in the same run with the same thread count.
+
+use anyhow::Result;
+use expertmesh_model::kernels::{self, Bytes, WeightMatrix};
+use rayon::prelude::*;
+use std::hint::black_box;
+
+use super::memory::{filled_buffer, read_all};
+use super::{BenchArgs, best_of, pool};
+
+const REPS: usize = 5;
+
+fn matrix(format: &str, bytes: usize, cols: usize) -> Result<WeightMatrix> {
+    let fill = |n: usize| -> Vec<u8> {
+        let mut v = vec![0u8; n];
+        v.par_chunks_mut(1 << 20).enumerate().for_each(|(c, chunk)| {
+            let mut s = (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            for b in chunk.iter_mut() {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                // Finite bf16 values and FP8 codes away from NaN.
+                *b = ((s as u8) & 0x1f) | 0x20; // normal floats only (no subnormal slow paths)
+            }
+        });
+        v
+    };
+    let m = match format {
+        "bf16" => {
+            let rows = bytes / (2 * cols);
+            WeightMatrix::from_bf16(rows, cols, Bytes::from_vec(fill(rows * cols * 2)))
+        }
+        "fp8" => {
+            let rows = bytes / cols;
+            let scales = vec![1.0f32; rows.div_ceil(128) * cols.div_ceil(128)];
+            WeightMatrix::from_fp8(rows, cols, Bytes::from_vec(fill(rows * cols)), scales)
+        }
+        _ => {
+            let rows = bytes * 2 / cols;
+            let scales = vec![127u8; rows * cols / 32];
+            WeightMatrix::from_fp4(rows, cols, Bytes::from_vec(fill(rows * cols / 2)), Bytes::from_vec(scales))
+        }
+    };
+    m.map_err(anyhow::Error::msg)
+}
+
+pub fn run(args: &BenchArgs) -> Result<()> {
+    let bytes = args.kernel_mib << 20;
+    // 7168 inputs: V4-Pro's hidden size, the width of most of its decode-time GEMVs.
+    let cols = 7168;
+    println!("\n## Kernels: matrix × vector weight bandwidth ({} MiB matrices, {cols} inputs)", args.kernel_mib);
+    println!("{:<10} {:>8} {:>14} {:>14} {:>10}", "format", "threads", "weights GB/s", "memory GB/s", "ratio");
+    let buf = filled_buffer(bytes);
+    let mut memory = Vec::new();
+    for threads in [1, 2] {
+        let t = pool(threads)?.install(|| {
+            best_of(REPS, || {
+                black_box(read_all(&buf));
+            })
+        });
+        memory.push(bytes as f64 / t / 1e9);
+    }
+    println!("{:<10} {:>8} {:>14} {:>14.2} {:>10}", "memory", 1, "-", memory[0], "-");
+    println!("{:<10} {:>8} {:>14} {:>14.2} {:>10}", "memory", 2, "-", memory[1], "-");
+    drop(buf);
+    for format in ["bf16", "fp8", "fp4"] {
+        let w = matrix(format, bytes, cols)?;
+        let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.01).sin()).collect();
+        for (i, threads) in [1, 2].into_iter().enumerate() {
+            let t = pool(threads)?.install(|| best_of(REPS, || drop(black_box(kernels::matmul(&x, 1, &w)))));
+            let gbs = w.stored_bytes() as f64 / t / 1e9;
+            println!(
+                "{:<10} {:>8} {:>14.2} {:>14.2} {:>9.0}%",
+                format,
+                threads,
+                gbs,
+                memory[i],
+                100.0 * gbs / memory[i]
+            );
+        }
+    }
+    Ok(())
+}
