@@ -44,6 +44,19 @@ mod tests {
         }
     }
 
+    /// Spec §11.4: the transform is applied to indexer queries and keys alike, so without the FP4
+    /// rounding it leaves their dot products (the indexer scores) unchanged.
+    #[test]
+    fn preserves_dot_products() {
+        let a: Vec<f32> = (0..128).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..128).map(|i| (i as f32 * 0.11).cos() - 0.2).collect();
+        let dot = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(p, q)| p * q).sum::<f32>();
+        let (mut ha, mut hb) = (a.clone(), b.clone());
+        hadamard_in_place(&mut ha);
+        hadamard_in_place(&mut hb);
+        assert!((dot(&ha, &hb) - dot(&a, &b)).abs() < 1e-4);
+    }
+
     #[test]
     fn is_orthogonal_and_self_inverse() {
         let x: Vec<f32> = (0..128).map(|i| (i as f32 * 1.3).cos()).collect();
