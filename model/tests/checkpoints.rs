@@ -47,7 +47,8 @@ fn same_seed_writes_the_same_bytes() {
 /// of DeepSeek's reference (same config), including the scale companions and the MTP copies.
 #[test]
 fn fp8_writer_reproduces_the_release_layout() {
-    let golden = Checkpoint::open(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/golden/fp8fp4")).unwrap();
+    let golden =
+        Checkpoint::open(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/golden/fp8fp4")).unwrap();
     let tensors = generate(golden.config(), 7, InitDtype::Fp8).unwrap();
     let mut ours: Vec<(String, String, Vec<usize>)> =
         tensors.iter().map(|t| (t.name.clone(), format!("{:?}", t.dtype), t.shape.clone())).collect();
@@ -101,7 +102,13 @@ fn fp8_checkpoint_is_exactly_its_decoded_weights() {
             (safetensors::Dtype::F8_E4M3, Some(s)) => {
                 let (rows, cols) = (t.shape[0], t.shape[1]);
                 let tiles = cols.div_ceil(128);
-                Some((0..rows * cols).map(|i| e4m3_to_f32(t.data[i]) * e8m0_to_f32(s.data[(i / cols / 128) * tiles + (i % cols) / 128])).collect())
+                Some(
+                    (0..rows * cols)
+                        .map(|i| {
+                            e4m3_to_f32(t.data[i]) * e8m0_to_f32(s.data[(i / cols / 128) * tiles + (i % cols) / 128])
+                        })
+                        .collect(),
+                )
             }
             (safetensors::Dtype::I8, Some(s)) => Some(
                 t.data
@@ -117,12 +124,16 @@ fn fp8_checkpoint_is_exactly_its_decoded_weights() {
         };
         decoded.push(match values {
             Some(v) => {
-                let shape = if t.dtype == safetensors::Dtype::I8 { vec![t.shape[0], t.shape[1] * 2] } else { t.shape.clone() };
-                let data: Vec<u8> = v.iter().flat_map(|x| {
-                    let b = half::bf16::from_f32(*x);
-                    assert_eq!(b.to_f32(), *x, "{} does not fit bf16 exactly", t.name);
-                    b.to_bits().to_le_bytes()
-                }).collect();
+                let shape =
+                    if t.dtype == safetensors::Dtype::I8 { vec![t.shape[0], t.shape[1] * 2] } else { t.shape.clone() };
+                let data: Vec<u8> = v
+                    .iter()
+                    .flat_map(|x| {
+                        let b = half::bf16::from_f32(*x);
+                        assert_eq!(b.to_f32(), *x, "{} does not fit bf16 exactly", t.name);
+                        b.to_bits().to_le_bytes()
+                    })
+                    .collect();
                 OwnedTensor { name: t.name.clone(), dtype: safetensors::Dtype::BF16, shape, data }
             }
             None => OwnedTensor { name: t.name.clone(), dtype: t.dtype, shape: t.shape.clone(), data: t.data.clone() },
@@ -161,7 +172,12 @@ fn fp8_variant_agrees_with_bf16_as_far_as_quantisation_allows() {
     let (bf16, fp8) = (run(InitDtype::Bf16), run(InitDtype::Fp8));
     let mut cos: Vec<f64> = bf16.iter().zip(&fp8).map(|(a, b)| cosine(a, b)).collect();
     cos.sort_by(f64::total_cmp);
-    eprintln!("bf16 vs fp8 logits cosine: min {:.5}, median {:.5}, max {:.5}", cos[0], cos[cos.len() / 2], cos[cos.len() - 1]);
+    eprintln!(
+        "bf16 vs fp8 logits cosine: min {:.5}, median {:.5}, max {:.5}",
+        cos[0],
+        cos[cos.len() / 2],
+        cos[cos.len() - 1]
+    );
     assert!(cos[cos.len() / 2] >= 0.93 && cos[0] >= 0.85, "{cos:?}");
     assert!(cos[cos.len() - 1] < 0.999999, "the variants should differ: is FP8 really used?");
 }
@@ -202,7 +218,12 @@ fn wrong_shape_names_tensor_and_both_shapes() {
 #[test]
 fn unexpected_tensor_is_named() {
     let err = load_error(|t, _| {
-        t.push(OwnedTensor { name: "layers.99.attn.wq_a.weight".into(), dtype: safetensors::Dtype::F32, shape: vec![1], data: vec![0; 4] });
+        t.push(OwnedTensor {
+            name: "layers.99.attn.wq_a.weight".into(),
+            dtype: safetensors::Dtype::F32,
+            shape: vec![1],
+            data: vec![0; 4],
+        });
     });
     assert!(err.contains("unexpected tensor layers.99.attn.wq_a.weight"), "{err}");
 }

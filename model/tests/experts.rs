@@ -95,8 +95,22 @@ fn requests_are_validated_and_name_the_problem() {
         (Routes { k: 2, experts: vec![0, 99, 2, 3], weights: vec![0.5; 4] }, hidden.clone(), 3, "expert id 99"),
         (Routes { k: 2, experts: vec![0, 1, 2], weights: vec![0.5; 3] }, hidden.clone(), 3, "tokens × k"),
         (ok.clone(), vec![0.5f32; d], 3, "hidden has"),
-        (Routes { k: 2, experts: vec![0, 1, 2, 3], weights: vec![0.5, f32::NAN, 0.5, 0.5] }, hidden.clone(), 3, "not finite"),
-        (ok.clone(), { let mut h = hidden.clone(); h[7] = f32::INFINITY; h }, 3, "hidden[7]"),
+        (
+            Routes { k: 2, experts: vec![0, 1, 2, 3], weights: vec![0.5, f32::NAN, 0.5, 0.5] },
+            hidden.clone(),
+            3,
+            "not finite",
+        ),
+        (
+            ok.clone(),
+            {
+                let mut h = hidden.clone();
+                h[7] = f32::INFINITY;
+                h
+            },
+            3,
+            "hidden[7]",
+        ),
         (ok.clone(), hidden.clone(), 42, "layer 42"),
     ];
     for (routes, h, layer, want) in cases {

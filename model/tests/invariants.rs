@@ -210,4 +210,3 @@ fn invalid_tokens_are_rejected_without_touching_state() {
     m.model.forward(&mut [Step::new(&mut s, &[1, 2, 3])], &m.experts).unwrap();
     assert_eq!(s.position(), 3);
 }
-

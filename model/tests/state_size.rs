@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use expertmesh_model::Preset;
 use expertmesh_model::checkpoint::InitDtype;
-use expertmesh_model::engine::{state_bytes, state_bytes_per_token, Step};
+use expertmesh_model::engine::{Step, state_bytes, state_bytes_per_token};
 use expertmesh_model::layers::QuantSim;
 
 #[test]

@@ -7,7 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn expertmesh(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_expertmesh")).args(args).env("EXPERTMESH_THREADS", "2").output().expect("run expertmesh")
+    Command::new(env!("CARGO_BIN_EXE_expertmesh"))
+        .args(args)
+        .env("EXPERTMESH_THREADS", "2")
+        .output()
+        .expect("run expertmesh")
 }
 
 fn ok(args: &[&str]) -> String {
@@ -33,10 +37,34 @@ fn init_then_logits_matches_the_library() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("micro-fp8");
     let out = tmp.path().join("logits.safetensors");
-    ok(&["model", "init", "--preset", "micro", "--seed", "7", "--dtype", "fp8", "--shards", "2", "--out", dir.to_str().unwrap()]);
+    ok(&[
+        "model",
+        "init",
+        "--preset",
+        "micro",
+        "--seed",
+        "7",
+        "--dtype",
+        "fp8",
+        "--shards",
+        "2",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
     let tokens: Vec<u32> = (0..24).map(|i| (i * 37 + 5) % 4096).collect();
     let list = tokens.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(",");
-    ok(&["model", "logits", "--model", dir.to_str().unwrap(), "--tokens", &list, "--prefill", "17", "--out", out.to_str().unwrap()]);
+    ok(&[
+        "model",
+        "logits",
+        "--model",
+        dir.to_str().unwrap(),
+        "--tokens",
+        &list,
+        "--prefill",
+        "17",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     let (shape, values) = read_logits(&out);
     assert_eq!(shape, vec![1 + 24 - 17, 4096]);
 
@@ -54,14 +82,32 @@ fn init_then_logits_matches_the_library() {
 fn logits_command_reproduces_the_golden_short_case() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("short.safetensors");
-    let case: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(golden("bf16").join("tokens_short.json")).unwrap()).unwrap();
+    let case: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(golden("bf16").join("tokens_short.json")).unwrap()).unwrap();
     let list = case["tokens"].as_array().unwrap().iter().map(|t| t.to_string()).collect::<Vec<_>>().join(",");
     let prefill = case["prefill"].to_string();
-    ok(&["model", "logits", "--model", golden("bf16").to_str().unwrap(), "--tokens", &list, "--prefill", &prefill, "--out", out.to_str().unwrap()]);
+    ok(&[
+        "model",
+        "logits",
+        "--model",
+        golden("bf16").to_str().unwrap(),
+        "--tokens",
+        &list,
+        "--prefill",
+        &prefill,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     let (_, ours) = read_logits(&out);
     let bytes = std::fs::read(golden("bf16").join("logits_short.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let theirs: Vec<f32> = st.tensor("logits_fp32").unwrap().data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    let theirs: Vec<f32> = st
+        .tensor("logits_fp32")
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
     for (i, (a, b)) in ours.chunks(4096).zip(theirs.chunks(4096)).enumerate() {
         let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
         let n = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
@@ -73,9 +119,15 @@ fn logits_command_reproduces_the_golden_short_case() {
 #[test]
 fn info_reports_published_sizes() {
     let pro = ok(&["model", "info", "--preset", "v4-pro"]);
-    assert!(pro.contains("1573.00 B total") && pro.contains("49.78 B active") && pro.contains("CSA 30, HCA 31"), "{pro}");
+    assert!(
+        pro.contains("1573.00 B total") && pro.contains("49.78 B active") && pro.contains("CSA 30, HCA 31"),
+        "{pro}"
+    );
     let flash = ok(&["model", "info", "--preset", "v4-flash"]);
-    assert!(flash.contains("284.33 B total") && flash.contains("13.80 B active") && flash.contains("window 2"), "{flash}");
+    assert!(
+        flash.contains("284.33 B total") && flash.contains("13.80 B active") && flash.contains("window 2"),
+        "{flash}"
+    );
 }
 
 #[test]
@@ -84,10 +136,19 @@ fn bad_arguments_fail_with_a_clear_message() {
     let out = tmp.path().join("x.safetensors");
     let o = out.to_str().unwrap();
     for (args, want) in [
-        (vec!["model", "logits", "--preset", "micro", "--tokens", "1,2,99999", "--prefill", "2", "--out", o], "token id 99999"),
-        (vec!["model", "logits", "--preset", "micro", "--tokens", "1,2,x", "--prefill", "2", "--out", o], "\"x\" is not a token id"),
+        (
+            vec!["model", "logits", "--preset", "micro", "--tokens", "1,2,99999", "--prefill", "2", "--out", o],
+            "token id 99999",
+        ),
+        (
+            vec!["model", "logits", "--preset", "micro", "--tokens", "1,2,x", "--prefill", "2", "--out", o],
+            "\"x\" is not a token id",
+        ),
         (vec!["model", "logits", "--preset", "micro", "--tokens", "1,2,3", "--prefill", "0", "--out", o], "--prefill"),
-        (vec!["model", "logits", "--model", "/nonexistent", "--tokens", "1", "--prefill", "1", "--out", o], "/nonexistent"),
+        (
+            vec!["model", "logits", "--model", "/nonexistent", "--tokens", "1", "--prefill", "1", "--out", o],
+            "/nonexistent",
+        ),
         (vec!["model", "info", "--preset", "v5"], "unknown preset"),
     ] {
         let r = expertmesh(&args);
