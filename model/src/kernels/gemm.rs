@@ -5,6 +5,8 @@
 use std::cell::RefCell;
 use std::ops::Range;
 
+use rayon::prelude::*;
+
 use super::weight::WeightMatrix;
 
 /// Upper bound on a decoded panel (f32 bytes). SGEMM repacks the activations for every panel, so
@@ -23,52 +25,78 @@ thread_local! {
 
 /// Raw output pointer shared by tasks that write disjoint column ranges.
 #[derive(Clone, Copy)]
-pub(crate) struct OutPtr(pub *mut f32);
+struct OutPtr(*mut f32);
 // SAFETY: tasks write disjoint columns of the output; the caller keeps it alive for the call.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
-/// Computes output columns `panel` (absolute weight rows) of `out = x · W[rows]^T`, where `out`
-/// is `[m, rows.len()]` row-major and `x` is `[m, cols]`.
-///
-/// # Safety
-/// `out` must point to `m * rows.len()` floats that no other task writes in these columns.
-pub(crate) unsafe fn gemm_panel(
-    x: &[f32],
-    m: usize,
-    w: &WeightMatrix,
-    rows: &Range<usize>,
-    panel: Range<usize>,
-    out: OutPtr,
-) {
-    let k = w.cols;
-    let n_total = rows.len();
-    let np = panel.len();
-    PANEL.with(|buf| {
-        let mut buf = buf.borrow_mut();
-        buf.resize(np * k, 0.0);
-        for (j, r) in panel.clone().enumerate() {
-            super::decode_row(w, r, &mut buf[j * k..(j + 1) * k]);
-        }
-        let col0 = panel.start - rows.start;
-        // SAFETY: C = out[:, col0..col0+np] with row stride n_total; A = x [m, k]; B = panel^T.
-        unsafe {
-            matrixmultiply::sgemm(
-                m,
-                k,
-                np,
-                1.0,
-                x.as_ptr(),
-                k as isize,
-                1,
-                buf.as_ptr(),
-                1,
-                k as isize,
-                0.0,
-                out.0.add(col0),
-                n_total as isize,
-                1,
-            );
-        }
-    });
+impl OutPtr {
+    /// Through a method, so that closures capture the (Sync) wrapper, not the raw field.
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
+/// Rows `rows` of `w`: one part of the virtual matrix a GEMM runs over.
+pub struct Segment<'a> {
+    pub w: &'a WeightMatrix,
+    pub rows: Range<usize>,
+}
+
+/// `out = x · Wᵀ` where `W` stacks the segments' rows (all with the same input width) and `x`
+/// is `[m, cols]`; `out` is `[m, Σ rows]`. Stacking the projections that share an input into one
+/// GEMM packs the activations once instead of once per matrix.
+pub fn gemm(x: &[f32], m: usize, segments: &[Segment<'_>], parallel: bool) -> Vec<f32> {
+    let k = segments[0].w.cols;
+    assert!(segments.iter().all(|s| s.w.cols == k), "stacked matrices must share the input width");
+    assert_eq!(x.len(), m * k, "matmul input is not [{m}, {k}]");
+    // Virtual row v lives in segment i at row starts[i]..: prefix sums of the segment lengths.
+    let mut starts = Vec::with_capacity(segments.len() + 1);
+    starts.push(0);
+    for s in segments {
+        starts.push(starts.last().unwrap() + s.rows.len());
+    }
+    let n = *starts.last().unwrap();
+    let mut out = vec![0.0f32; m * n];
+    let threads = if parallel { rayon::current_num_threads() } else { 1 };
+    let per = panel_rows(n, k, threads);
+    let panels: Vec<Range<usize>> = (0..n).step_by(per.max(1)).map(|s| s..(s + per).min(n)).collect();
+    let ptr = OutPtr(out.as_mut_ptr());
+    let run = |panel: &Range<usize>| {
+        PANEL.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            buf.resize(panel.len() * k, 0.0);
+            for (j, v) in panel.clone().enumerate() {
+                let i = starts.partition_point(|&s| s <= v) - 1;
+                let seg = &segments[i];
+                super::decode_row(seg.w, seg.rows.start + v - starts[i], &mut buf[j * k..(j + 1) * k]);
+            }
+            // SAFETY: C = out[:, panel] with row stride n (panels are disjoint column ranges of
+            // `out`, which outlives the call); A = x [m, k]; B = panelᵀ.
+            unsafe {
+                matrixmultiply::sgemm(
+                    m,
+                    k,
+                    panel.len(),
+                    1.0,
+                    x.as_ptr(),
+                    k as isize,
+                    1,
+                    buf.as_ptr(),
+                    1,
+                    k as isize,
+                    0.0,
+                    ptr.at(panel.start),
+                    n as isize,
+                    1,
+                );
+            }
+        })
+    };
+    if threads > 1 && panels.len() > 1 {
+        panels.par_iter().for_each(run);
+    } else {
+        panels.iter().for_each(run);
+    }
+    out
 }

@@ -16,10 +16,11 @@ use rayon::prelude::*;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU8, Ordering};
 
-/// Below this many weight elements a matrix-vector product runs on one thread: splitting costs
-/// more than it saves (a 16K-element bf16 matvec takes about 3 µs, a rayon split ~1 µs when the
-/// other workers are awake).
-const PARALLEL_MIN_WEIGHTS: usize = 1 << 14;
+/// Below this many weight elements a lone matrix-vector product runs on one thread. A split costs
+/// a few microseconds of synchronisation, about what a 64K-element bf16 matvec takes; measured on
+/// tiny-model decode, 64K beat 16K and 32K by ~10 %. (`matmul_many` still spreads several small
+/// matrices over the threads.)
+const PARALLEL_MIN_WEIGHTS: usize = 1 << 16;
 /// Below this many multiply-adds a GEMM runs on one thread.
 const PARALLEL_MIN_MACS: usize = 1 << 21;
 
@@ -121,20 +122,8 @@ pub fn matmul_rows(x: &[f32], m: usize, w: &WeightMatrix, rows: Range<usize>) ->
         }
         return out;
     }
-    let ptr = gemm::OutPtr(out.as_mut_ptr());
     let parallel = threads > 1 && m * n * w.cols >= PARALLEL_MIN_MACS;
-    let per = gemm::panel_rows(n, w.cols, if parallel { threads } else { 1 });
-    let panels: Vec<Range<usize>> = (rows.start..rows.end).step_by(per).map(|s| s..(s + per).min(rows.end)).collect();
-    let run = |p: &Range<usize>| {
-        // SAFETY: panels are disjoint column ranges of `out`, which outlives the call.
-        unsafe { gemm::gemm_panel(x, m, w, &rows, p.clone(), ptr) }
-    };
-    if parallel && panels.len() > 1 {
-        panels.par_iter().for_each(run);
-    } else {
-        panels.iter().for_each(run);
-    }
-    out
+    gemm::gemm(x, m, &[gemm::Segment { w, rows }], parallel)
 }
 
 /// One product of a batch run by [`matmul_many`].
@@ -149,7 +138,10 @@ pub struct MatmulJob<'a> {
 /// layer's matrices are too small to split alone, but together they keep every core streaming.
 pub fn matmul_many(jobs: &[MatmulJob<'_>]) -> Vec<Vec<f32>> {
     let threads = rayon::current_num_threads();
-    if threads == 1 || jobs.iter().any(|j| j.m > gemv::MAX_ROWS || j.m == 0) {
+    if jobs.iter().any(|j| j.m > gemv::MAX_ROWS || j.m == 0) {
+        return stacked_gemms(jobs);
+    }
+    if threads == 1 {
         return jobs.iter().map(|j| matmul(j.x, j.m, j.w)).collect();
     }
     // (job, row range) tasks: large matrices split into one share per thread.
@@ -180,6 +172,42 @@ pub fn matmul_many(jobs: &[MatmulJob<'_>]) -> Vec<Vec<f32>> {
         }
     }
     results
+}
+
+/// Large batches: jobs that share an input (same slice, same width) run as one stacked GEMM.
+fn stacked_gemms(jobs: &[MatmulJob<'_>]) -> Vec<Vec<f32>> {
+    let mut results: Vec<Option<Vec<f32>>> = vec![None; jobs.len()];
+    let same_input = |a: &MatmulJob<'_>, b: &MatmulJob<'_>| {
+        std::ptr::eq(a.x.as_ptr(), b.x.as_ptr()) && a.x.len() == b.x.len() && a.m == b.m && a.w.cols == b.w.cols
+    };
+    for i in 0..jobs.len() {
+        if results[i].is_some() {
+            continue;
+        }
+        let group: Vec<usize> =
+            (i..jobs.len()).filter(|&j| results[j].is_none() && same_input(&jobs[i], &jobs[j])).collect();
+        let (x, m) = (jobs[i].x, jobs[i].m);
+        if m == 0 {
+            group.iter().for_each(|&j| results[j] = Some(Vec::new()));
+            continue;
+        }
+        let segments: Vec<gemm::Segment<'_>> =
+            group.iter().map(|&j| gemm::Segment { w: jobs[j].w, rows: 0..jobs[j].w.rows }).collect();
+        let n: usize = segments.iter().map(|s| s.rows.len()).sum();
+        let parallel = rayon::current_num_threads() > 1 && m * n * jobs[i].w.cols >= PARALLEL_MIN_MACS;
+        let stacked = gemm::gemm(x, m, &segments, parallel);
+        let mut col = 0;
+        for &j in &group {
+            let nj = jobs[j].w.rows;
+            let mut part = vec![0.0f32; m * nj];
+            for r in 0..m {
+                part[r * nj..(r + 1) * nj].copy_from_slice(&stacked[r * n + col..r * n + col + nj]);
+            }
+            results[j] = Some(part);
+            col += nj;
+        }
+    }
+    results.into_iter().map(|r| r.expect("every job computed")).collect()
 }
 
 #[cfg(test)]

@@ -157,15 +157,20 @@ fn matmul_many_equals_separate_products() {
     let a = random_matrix(WeightFormat::Bf16, 300, 256, 1);
     let b = random_matrix(WeightFormat::Fp8, 40, 256, 2);
     let c = random_matrix(WeightFormat::F32, 7, 96, 3);
-    for m in [1, 3] {
+    for m in [1, 3, 20] {
         let x: Vec<f32> = (0..m * 256).map(|i| (i as f32 * 0.1).sin()).collect();
         let y: Vec<f32> = (0..m * 96).map(|i| (i as f32 * 0.2).cos()).collect();
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         let many = pool.install(|| {
             matmul_many(&[MatmulJob { x: &x, m, w: &a }, MatmulJob { x: &x, m, w: &b }, MatmulJob { x: &y, m, w: &c }])
         });
-        assert_eq!(many[0], matmul(&x, m, &a));
-        assert_eq!(many[1], matmul(&x, m, &b));
-        assert_eq!(many[2], matmul(&y, m, &c));
+        // Stacked GEMMs (m = 20) sum in the same order as separate ones, row by row.
+        for (got, want) in [(&many[0], matmul(&x, m, &a)), (&many[1], matmul(&x, m, &b)), (&many[2], matmul(&y, m, &c))]
+        {
+            assert_eq!(got.len(), want.len());
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{g} vs {w}");
+            }
+        }
     }
 }

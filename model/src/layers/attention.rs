@@ -14,7 +14,8 @@ use super::indexer::Indexer;
 use super::linear::Linear;
 use super::norm::{RmsNorm, rms_normalize};
 use super::rope::{Rope, RopeAngles};
-use super::sparse_attn::attend;
+use super::rows::{for_each_row, map_rows};
+use super::sparse_attn::attend_block;
 use crate::checkpoint::Checkpoint;
 use crate::checkpoint::layout::block_prefix;
 use crate::config::{AttentionKind, ModelConfig};
@@ -73,6 +74,10 @@ impl AttentionState {
         self.compressed.len() / head_dim
     }
 }
+
+/// Consecutive queries of a sequence attended together (see `sparse_attn`): 16 tokens share all
+/// but 15 of their window keys, so the block's union costs little more than one query's set.
+const QUERY_BLOCK: usize = 16;
 
 /// Where a sequence's tokens sit in the call: positions `t0..t0+len`, rows `row0..row0+len`.
 #[derive(Clone, Copy, Debug)]
@@ -153,8 +158,8 @@ impl Attention {
     pub fn forward(&self, x: &[f32], chunks: &[Chunk], states: &mut [&mut AttentionState], sim: QuantSim) -> Vec<f32> {
         let tokens: usize = chunks.iter().map(|c| c.len).sum();
         let (h, hd) = (self.n_heads, self.head_dim);
-        let angles: Vec<RopeAngles> =
-            chunks.iter().flat_map(|c| (c.t0..c.t0 + c.len).map(|t| self.rope.angles(t))).collect();
+        let positions: Vec<usize> = chunks.iter().flat_map(|c| c.t0..c.t0 + c.len).collect();
+        let angles: Vec<RopeAngles> = map_rows(tokens, 4 * self.rope_dim, |i| self.rope.angles(positions[i]));
 
         // Every projection of x at once, then every projection of the query latent qr.
         let mut of_x: Vec<(&Linear, &[f32])> = vec![(&self.wq_a, x), (&self.wkv, x)];
@@ -179,19 +184,19 @@ impl Attention {
         let index_q = outs.next();
 
         // Queries: weightless per-head norm, RoPE.
-        for (t, row) in q.chunks_exact_mut(h * hd).enumerate() {
+        for_each_row(&mut q, h * hd, |t, row| {
             rms_normalize(row, hd, self.eps);
             row.chunks_exact_mut(hd).for_each(|head| angles[t].rotate(head));
-        }
+        });
 
         // The window latent (key = value), FP8-simulated on its non-rotary channels.
         self.kv_norm.apply(&mut kv);
-        for (t, row) in kv.chunks_exact_mut(hd).enumerate() {
+        for_each_row(&mut kv, hd, |t, row| {
             angles[t].rotate(row);
             if sim.kv_fp8 {
                 fp8_sim(&mut row[..hd - self.rope_dim], KV_SIM_BLOCK);
             }
-        }
+        });
 
         // Compressed entries and indexer keys: state machines per sequence.
         let index_inputs = match (&self.indexer, index_q, index_proj) {
@@ -214,19 +219,37 @@ impl Attention {
             }
         });
 
-        // Attention per token, in parallel (states are read-only here).
-        let owner: Vec<(usize, usize)> =
-            chunks.iter().enumerate().flat_map(|(i, c)| (0..c.len).map(move |s| (i, s))).collect();
+        // Attention in blocks of consecutive queries, blocks in parallel (states are read-only).
         let mut o = vec![0.0f32; tokens * h * hd];
         {
             let shared: Vec<&AttentionState> = states.iter().map(|s| &**s).collect();
-            o.par_chunks_mut(h * hd).enumerate().for_each(|(row, out)| {
-                let (seq, s) = owner[row];
+            let mut blocks: Vec<(usize, std::ops::Range<usize>, &mut [f32])> = Vec::new();
+            let mut rest: &mut [f32] = &mut o;
+            for (seq, c) in chunks.iter().enumerate() {
+                for s0 in (0..c.len).step_by(QUERY_BLOCK) {
+                    let s1 = (s0 + QUERY_BLOCK).min(c.len);
+                    let (head, tail) = std::mem::take(&mut rest).split_at_mut((s1 - s0) * h * hd);
+                    blocks.push((seq, s0..s1, head));
+                    rest = tail;
+                }
+            }
+            let index = index_inputs.as_ref().map(|(qi, wi, _)| (qi, wi));
+            blocks.into_par_iter().for_each(|(seq, range, out)| {
                 let c = chunks[seq];
-                let keys =
-                    self.gather_keys(shared[seq], &kv, c, s, index_inputs.as_ref().map(|(qi, wi, _)| (qi, wi)), row);
-                attend(&q[row * h * hd..(row + 1) * h * hd], &keys, &self.sink, self.scale, out);
-                out.chunks_exact_mut(hd).for_each(|head| angles[row].unrotate(head));
+                let rows = c.row0 + range.start..c.row0 + range.end;
+                let (keys, allowed) = self.gather_block(shared[seq], &kv, c, range, index);
+                attend_block(
+                    &q[rows.start * h * hd..rows.end * h * hd],
+                    &keys,
+                    &allowed,
+                    &self.sink,
+                    self.scale,
+                    hd,
+                    out,
+                );
+                for (row, o_row) in rows.zip(out.chunks_exact_mut(h * hd)) {
+                    o_row.chunks_exact_mut(hd).for_each(|head| angles[row].unrotate(head));
+                }
             });
         }
 
@@ -243,49 +266,88 @@ impl Attention {
         self.project_out(&o, tokens)
     }
 
-    /// The latents token `s` of chunk `c` attends to: its window, then the compressed entries
-    /// its layer kind makes visible.
-    fn gather_keys(
+    /// The keys a block of queries (chunk `c`, tokens `range`) attends to, and for each query
+    /// which of them it may see: the window positions up to the block's last token, then the
+    /// compressed entries its layer kind makes visible (HCA: all complete blocks; CSA: the union
+    /// of the queries' top-k picks).
+    fn gather_block(
         &self,
         state: &AttentionState,
         kv: &[f32],
         c: Chunk,
-        s: usize,
+        range: std::ops::Range<usize>,
         index: Option<(&Vec<f32>, &Vec<f32>)>,
-        row: usize,
-    ) -> Vec<f32> {
+    ) -> (Vec<f32>, Vec<bool>) {
         let hd = self.head_dim;
-        let t = c.t0 + s;
-        let first = (t + 1).saturating_sub(self.window);
-        let mut keys = Vec::with_capacity((t + 1 - first) * hd);
-        for p in first..=t {
-            if p >= c.t0 {
+        let (t_first, t_last) = (c.t0 + range.start, c.t0 + range.end - 1);
+        let first = (t_first + 1).saturating_sub(self.window);
+        let mut keys = Vec::with_capacity((t_last + 1 - first) * hd);
+        for p in first..=t_last {
+            let src = if p >= c.t0 {
                 let r = c.row0 + p - c.t0;
-                keys.extend_from_slice(&kv[r * hd..(r + 1) * hd]);
+                &kv[r * hd..(r + 1) * hd]
             } else {
                 let slot = p % self.window;
-                keys.extend_from_slice(&state.window[slot * hd..(slot + 1) * hd]);
-            }
+                &state.window[slot * hd..(slot + 1) * hd]
+            };
+            keys.extend_from_slice(src);
         }
-        match self.kind {
-            AttentionKind::Window => {}
+        let n_window = t_last + 1 - first;
+        // Compressed entries of the union, and for each query the set it may see.
+        let (entries, visible_to): (Vec<usize>, Vec<Vec<usize>>) = match self.kind {
+            AttentionKind::Window => (Vec::new(), Vec::new()),
             AttentionKind::Hca { ratio } => {
-                let visible = (t + 1) / ratio;
-                keys.extend_from_slice(&state.compressed[..visible * hd]);
+                let all: Vec<usize> = (0..(t_last + 1) / ratio).collect();
+                let per_query = range.clone().map(|s| (0..(c.t0 + s + 1) / ratio).collect()).collect();
+                (all, per_query)
             }
             AttentionKind::Csa => {
                 let ix = self.indexer.as_ref().expect("CSA layer has an indexer");
                 let (qi, wi) = index.expect("CSA layer computed indexer inputs");
-                let visible = (t + 1) / crate::config::CSA_RATIO;
                 let (hi, di) = (ix.heads(), ix.head_dim());
-                let q_row = &qi[row * hi * di..(row + 1) * hi * di];
-                let w_row = &wi[row * hi..(row + 1) * hi];
-                for j in ix.select(q_row, w_row, &state.index_keys, visible) {
-                    keys.extend_from_slice(&state.compressed[j * hd..(j + 1) * hd]);
+                let picks: Vec<Vec<usize>> = range
+                    .clone()
+                    .map(|s| {
+                        let row = c.row0 + s;
+                        let visible = (c.t0 + s + 1) / crate::config::CSA_RATIO;
+                        ix.select(
+                            &qi[row * hi * di..(row + 1) * hi * di],
+                            &wi[row * hi..(row + 1) * hi],
+                            &state.index_keys,
+                            visible,
+                        )
+                    })
+                    .collect();
+                let mut union: Vec<usize> = picks.iter().flatten().copied().collect();
+                union.sort_unstable();
+                union.dedup();
+                (union, picks)
+            }
+        };
+        for &j in &entries {
+            keys.extend_from_slice(&state.compressed[j * hd..(j + 1) * hd]);
+        }
+        let u = n_window + entries.len();
+        let mut allowed = vec![false; range.len() * u];
+        for (i, s) in range.enumerate() {
+            let t = c.t0 + s;
+            let row = &mut allowed[i * u..(i + 1) * u];
+            let lo = (t + 1).saturating_sub(self.window);
+            for (p, a) in (first..=t_last).zip(row.iter_mut()) {
+                *a = p >= lo && p <= t;
+            }
+            if let Some(vis) = visible_to.get(i) {
+                // Both lists are sorted: walk them together.
+                let mut k = 0;
+                for (e, a) in entries.iter().zip(row[n_window..].iter_mut()) {
+                    while k < vis.len() && vis[k] < *e {
+                        k += 1;
+                    }
+                    *a = k < vis.len() && vis[k] == *e;
                 }
             }
         }
-        keys
+        (keys, allowed)
     }
 
     /// Grouped low-rank output: `u_g = Wo_a[g] · o_g`, then `Wo_b · concat(u)`.

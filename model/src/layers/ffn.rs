@@ -5,6 +5,7 @@
 use crate::checkpoint::Checkpoint;
 use crate::error::ModelError;
 use crate::layers::linear::Linear;
+use crate::layers::rows::for_each_row;
 
 #[derive(Clone, Debug)]
 pub struct Ffn {
@@ -37,9 +38,9 @@ impl Ffn {
         let up = both.pop().expect("two outputs");
         let mut gate = both.pop().expect("two outputs");
         let inter = self.w1.out_features();
-        for (r, (g_row, u_row)) in gate.chunks_exact_mut(inter).zip(up.chunks_exact(inter)).enumerate() {
+        for_each_row(&mut gate, inter, |r, g_row| {
             let scale = row_weights.map_or(1.0, |w| w[r]);
-            for (g, &u) in g_row.iter_mut().zip(u_row) {
+            for (g, &u) in g_row.iter_mut().zip(&up[r * inter..(r + 1) * inter]) {
                 let (g_in, u_in) =
                     if self.limit > 0.0 { (g.min(self.limit), u.clamp(-self.limit, self.limit)) } else { (*g, u) };
                 let silu = g_in / (1.0 + (-g_in).exp());
@@ -48,7 +49,7 @@ impl Ffn {
                     *g *= scale;
                 }
             }
-        }
+        });
         self.w2.forward(&gate, m)
     }
 }

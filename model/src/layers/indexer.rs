@@ -8,6 +8,7 @@ use crate::kernels;
 use crate::layers::compressor::{Compressor, INDEX_SIM_BLOCK};
 use crate::layers::linear::Linear;
 use crate::layers::rope::RopeAngles;
+use crate::layers::rows::for_each_row;
 use crate::layers::topk::torch_topk;
 use crate::numerics::{fp4_sim, hadamard_in_place};
 
@@ -53,7 +54,7 @@ impl Indexer {
     /// Indexer queries `[T, Hi·Di]` from `wq_b(qr)`: RoPE on each head's last channels at the
     /// token's position, Hadamard, then the FP4 simulation.
     pub fn queries(&self, mut q: Vec<f32>, angles: &[RopeAngles], simulate: bool) -> Vec<f32> {
-        for (t, row) in q.chunks_exact_mut(self.heads * self.head_dim).enumerate() {
+        for_each_row(&mut q, self.heads * self.head_dim, |t, row| {
             for head in row.chunks_exact_mut(self.head_dim) {
                 angles[t].rotate(head);
                 hadamard_in_place(head);
@@ -61,7 +62,7 @@ impl Indexer {
                     fp4_sim(head, INDEX_SIM_BLOCK);
                 }
             }
-        }
+        });
         q
     }
 

@@ -1,6 +1,7 @@
 //! Manifold-constrained hyper-connections (mHC, spec §4): `n` residual streams per token, mixed
 //! before and after every sublayer by coefficients computed from the streams themselves.
 
+use super::rows::{for_each_row, for_each_row_costing};
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::error::ModelError;
@@ -63,12 +64,12 @@ impl HcSite {
     fn mixes(&self, streams: &[f32], tokens: usize) -> Vec<f32> {
         let width = self.n * self.dim;
         let mut mu = kernels::matmul(streams, tokens, &self.phi);
-        let rows = self.phi.rows;
-        for (t, x) in streams.chunks_exact(width).enumerate() {
+        for_each_row(&mut mu, self.phi.rows, |t, m| {
+            let x = &streams[t * width..(t + 1) * width];
             let mean = x.iter().map(|v| v * v).sum::<f32>() / width as f32;
             let r = 1.0 / (mean + self.norm_eps).sqrt();
-            mu[t * rows..(t + 1) * rows].iter_mut().for_each(|v| *v *= r);
-        }
+            m.iter_mut().for_each(|v| *v *= r);
+        });
         mu
     }
 
@@ -78,7 +79,8 @@ impl HcSite {
         let n = self.n;
         let mut mu = self.mixes(streams, tokens);
         let mix = (2 + n) * n;
-        for m in mu.chunks_exact_mut(mix) {
+        let sinkhorn_cost = 4 * n * n * self.sinkhorn_iters;
+        for_each_row_costing(&mut mu, mix, sinkhorn_cost, |_, m| {
             for j in 0..n {
                 m[j] = sigmoid(m[j] * self.scale[0] + self.base[j]) + self.hc_eps;
                 m[n + j] = 2.0 * sigmoid(m[n + j] * self.scale[1] + self.base[n + j]);
@@ -87,7 +89,7 @@ impl HcSite {
                 m[2 * n + ij] = m[2 * n + ij] * self.scale[2] + self.base[2 * n + ij];
             }
             sinkhorn(&mut m[2 * n..], n, self.sinkhorn_iters, self.hc_eps);
-        }
+        });
         let mixes = HcMix { n, values: mu };
         (self.collapse(streams, tokens, |t, j| mixes.token(t).0[j]), mixes)
     }
@@ -96,26 +98,25 @@ impl HcSite {
     pub fn head(&self, streams: &[f32], tokens: usize) -> Vec<f32> {
         let n = self.n;
         let mut mu = self.mixes(streams, tokens);
-        for m in mu.chunks_exact_mut(n) {
+        for_each_row(&mut mu, n, |_, m| {
             for (v, b) in m.iter_mut().zip(&self.base) {
                 *v = sigmoid(*v * self.scale[0] + b) + self.hc_eps;
             }
-        }
+        });
         self.collapse(streams, tokens, |t, j| mu[t * n + j])
     }
 
     /// `y_t = Σ_j a(t, j) · X_t,j`.
-    fn collapse(&self, streams: &[f32], tokens: usize, a: impl Fn(usize, usize) -> f32) -> Vec<f32> {
+    fn collapse(&self, streams: &[f32], tokens: usize, a: impl Fn(usize, usize) -> f32 + Sync + Send) -> Vec<f32> {
         let (n, d) = (self.n, self.dim);
         let mut y = vec![0.0f32; tokens * d];
-        for t in 0..tokens {
-            let out = &mut y[t * d..(t + 1) * d];
+        for_each_row(&mut y, d, |t, out| {
             for j in 0..n {
                 let w = a(t, j);
                 let x = &streams[(t * n + j) * d..(t * n + j + 1) * d];
                 out.iter_mut().zip(x).for_each(|(o, v)| *o += w * v);
             }
-        }
+        });
         y
     }
 }
@@ -123,13 +124,11 @@ impl HcSite {
 /// HCPost: `X'_j = c_j · f + Σ_i M[i][j] · X_i` (output stream `j` gathers column `j` of M).
 pub fn hc_post(sublayer_out: &[f32], streams: &[f32], mixes: &HcMix, dim: usize) -> Vec<f32> {
     let n = mixes.n;
-    let tokens = sublayer_out.len() / dim;
     let mut out = vec![0.0f32; streams.len()];
-    for t in 0..tokens {
+    for_each_row(&mut out, n * dim, |t, token_out| {
         let (_, post, comb) = mixes.token(t);
         let f = &sublayer_out[t * dim..(t + 1) * dim];
-        for j in 0..n {
-            let dst = &mut out[(t * n + j) * dim..(t * n + j + 1) * dim];
+        for (j, dst) in token_out.chunks_exact_mut(dim).enumerate() {
             dst.iter_mut().zip(f).for_each(|(o, v)| *o = post[j] * v);
             for i in 0..n {
                 let src = &streams[(t * n + i) * dim..(t * n + i + 1) * dim];
@@ -137,7 +136,7 @@ pub fn hc_post(sublayer_out: &[f32], streams: &[f32], mixes: &HcMix, dim: usize)
                 dst.iter_mut().zip(src).for_each(|(o, v)| *o += c * v);
             }
         }
-    }
+    });
     out
 }
 

@@ -10,6 +10,7 @@ pub mod mhc;
 pub mod norm;
 pub mod rope;
 pub mod router;
+pub mod rows;
 pub mod sparse_attn;
 pub mod topk;
 

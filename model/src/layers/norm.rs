@@ -1,5 +1,6 @@
 //! RMSNorm over the last axis, in f32 (spec §2).
 
+use super::rows::for_each_row;
 use crate::checkpoint::Checkpoint;
 use crate::error::ModelError;
 
@@ -34,10 +35,10 @@ impl RmsNorm {
     /// Normalises every row of `x` in place.
     pub fn apply(&self, x: &mut [f32]) {
         let w = self.width();
-        rms_normalize(x, w, self.eps);
-        for row in x.chunks_exact_mut(w) {
+        for_each_row(x, w, |_, row| {
+            rms_normalize(row, w, self.eps);
             row.iter_mut().zip(&self.weight).for_each(|(v, g)| *v *= g);
-        }
+        });
     }
 
     pub fn bytes(&self) -> usize {

@@ -7,6 +7,7 @@ use crate::checkpoint::layout::block_prefix;
 use crate::config::{ModelConfig, ScoreFunc};
 use crate::error::ModelError;
 use crate::kernels::{self, WeightMatrix};
+use crate::layers::rows::{for_each_row, map_rows};
 use crate::layers::topk::torch_topk;
 
 #[derive(Clone, Debug)]
@@ -66,21 +67,18 @@ impl Router {
         let tokens = ids.len();
         let e = self.gate.rows;
         let mut scores = kernels::matmul(x, tokens, &self.gate);
-        for row in scores.chunks_exact_mut(e) {
-            match self.score_func {
-                ScoreFunc::Sqrtsoftplus => row.iter_mut().for_each(|z| *z = softplus(*z).sqrt()),
-                ScoreFunc::Sigmoid => row.iter_mut().for_each(|z| *z = 1.0 / (1.0 + (-*z).exp())),
-                ScoreFunc::Softmax => {
-                    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                    row.iter_mut().for_each(|z| *z = (*z - max).exp());
-                    let sum: f32 = row.iter().sum();
-                    row.iter_mut().for_each(|z| *z /= sum);
-                }
+        for_each_row(&mut scores, e, |_, row| match self.score_func {
+            ScoreFunc::Sqrtsoftplus => row.iter_mut().for_each(|z| *z = softplus(*z).sqrt()),
+            ScoreFunc::Sigmoid => row.iter_mut().for_each(|z| *z = 1.0 / (1.0 + (-*z).exp())),
+            ScoreFunc::Softmax => {
+                let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                row.iter_mut().for_each(|z| *z = (*z - max).exp());
+                let sum: f32 = row.iter().sum();
+                row.iter_mut().for_each(|z| *z /= sum);
             }
-        }
-        let mut experts = Vec::with_capacity(tokens * self.k);
-        let mut weights = Vec::with_capacity(tokens * self.k);
-        for (t, row) in scores.chunks_exact(e).enumerate() {
+        });
+        let per_token: Vec<(Vec<u32>, Vec<f32>)> = map_rows(tokens, e * 8, |t| {
+            let row = &scores[t * e..(t + 1) * e];
             let chosen: Vec<u32> = match &self.table {
                 Some(table) => table[ids[t] as usize * self.k..(ids[t] as usize + 1) * self.k].to_vec(),
                 None => top_k(row, self.bias.as_deref(), self.k),
@@ -91,7 +89,12 @@ impl Router {
                 w.iter_mut().for_each(|v| *v /= sum);
             }
             w.iter_mut().for_each(|v| *v *= self.route_scale);
-            experts.extend(chosen);
+            (chosen, w)
+        });
+        let mut experts = Vec::with_capacity(tokens * self.k);
+        let mut weights = Vec::with_capacity(tokens * self.k);
+        for (c, w) in per_token {
+            experts.extend(c);
             weights.extend(w);
         }
         Routes { k: self.k, experts, weights }

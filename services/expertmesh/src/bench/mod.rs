@@ -23,6 +23,9 @@ pub struct BenchArgs {
     /// Decode steps for decode throughput.
     #[arg(long, default_value_t = 64)]
     pub decode: usize,
+    /// Runs per model configuration (the best is reported).
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
     /// Skip the kernel-bandwidth part.
     #[arg(long)]
     pub no_kernels: bool,
@@ -36,6 +39,7 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
         args.kernel_mib = args.kernel_mib.min(256);
         args.prompt = args.prompt.min(64);
         args.decode = args.decode.min(16);
+        args.repeats = 1;
     }
     println!(
         "expertmesh bench — {} threads available, SIMD kernels: {}",

@@ -87,9 +87,16 @@ fn run_in(args: &BenchArgs, dir: &std::path::Path) -> Result<()> {
         }
         for (kind, threads, batch) in rows {
             kernels::force_portable(kind == "portable");
-            let (p, d) = pool(threads)?.install(|| {
-                measure(&loaded, batch, args.prompt, 2.min(args.decode))?; // warm caches and page in
-                measure(&loaded, batch, args.prompt, args.decode)
+            // Warm caches and page the weights in, then keep the best of a few runs: the machines
+            // this runs on are shared and noisy, and the best run is the least disturbed.
+            let (p, d) = pool(threads)?.install(|| -> Result<(f64, f64)> {
+                measure(&loaded, batch, args.prompt, 2.min(args.decode))?;
+                let mut best = (0.0f64, 0.0f64);
+                for _ in 0..args.repeats {
+                    let (p, d) = measure(&loaded, batch, args.prompt, args.decode)?;
+                    best = (best.0.max(p), best.1.max(d));
+                }
+                Ok(best)
             })?;
             println!(
                 "{name:<6} {kind:<9} {threads:>7} {batch:>6} {p:>12.0} {:>7.1}x {d:>12.1} {:>7.1}x",
