@@ -3,6 +3,7 @@
 //! and a panel SGEMM for large ones (compute-bound), split across the current rayon pool.
 
 mod bytes;
+mod exp;
 mod gemm;
 mod gemv;
 mod weight;
@@ -10,6 +11,7 @@ mod weight;
 mod x86;
 
 pub use bytes::Bytes;
+pub use exp::exp_in_place;
 pub use weight::{FP4_BLOCK, FP8_TILE, WeightFormat, WeightMatrix};
 
 use rayon::prelude::*;

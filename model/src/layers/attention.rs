@@ -15,7 +15,7 @@ use super::linear::Linear;
 use super::norm::{RmsNorm, rms_normalize};
 use super::rope::{Rope, RopeAngles};
 use super::rows::{for_each_row, map_rows};
-use super::sparse_attn::attend_block;
+use super::sparse_attn::{QueryKeys, attend_block};
 use crate::checkpoint::Checkpoint;
 use crate::checkpoint::layout::block_prefix;
 use crate::config::{AttentionKind, ModelConfig};
@@ -78,6 +78,14 @@ impl AttentionState {
 /// Consecutive queries of a sequence attended together (see `sparse_attn`): 16 tokens share all
 /// but 15 of their window keys, so the block's union costs little more than one query's set.
 const QUERY_BLOCK: usize = 16;
+
+/// The keys of one query block (see `sparse_attn::attend_block`).
+struct BlockKeys {
+    shared: Vec<f32>,
+    n_window: usize,
+    views: Vec<QueryKeys>,
+    own: Vec<Vec<f32>>,
+}
 
 /// Where a sequence's tokens sit in the call: positions `t0..t0+len`, rows `row0..row0+len`.
 #[derive(Clone, Copy, Debug)]
@@ -237,16 +245,9 @@ impl Attention {
             blocks.into_par_iter().for_each(|(seq, range, out)| {
                 let c = chunks[seq];
                 let rows = c.row0 + range.start..c.row0 + range.end;
-                let (keys, allowed) = self.gather_block(shared[seq], &kv, c, range, index);
-                attend_block(
-                    &q[rows.start * h * hd..rows.end * h * hd],
-                    &keys,
-                    &allowed,
-                    &self.sink,
-                    self.scale,
-                    hd,
-                    out,
-                );
+                let k = self.gather_block(shared[seq], &kv, c, range, index);
+                let q_rows = &q[rows.start * h * hd..rows.end * h * hd];
+                attend_block(q_rows, &k.shared, k.n_window, &k.views, &k.own, &self.sink, self.scale, hd, out);
                 for (row, o_row) in rows.zip(out.chunks_exact_mut(h * hd)) {
                     o_row.chunks_exact_mut(hd).for_each(|head| angles[row].unrotate(head));
                 }
@@ -266,10 +267,9 @@ impl Attention {
         self.project_out(&o, tokens)
     }
 
-    /// The keys a block of queries (chunk `c`, tokens `range`) attends to, and for each query
-    /// which of them it may see: the window positions up to the block's last token, then the
-    /// compressed entries its layer kind makes visible (HCA: all complete blocks; CSA: the union
-    /// of the queries' top-k picks).
+    /// The keys a block of queries (chunk `c`, tokens `range`) attends to: the shared keys (the
+    /// window positions up to the block's last token, then for HCA the complete blocks), each
+    /// query's view of them, and each query's own keys (for CSA: its top-k picks).
     fn gather_block(
         &self,
         state: &AttentionState,
@@ -277,11 +277,12 @@ impl Attention {
         c: Chunk,
         range: std::ops::Range<usize>,
         index: Option<(&Vec<f32>, &Vec<f32>)>,
-    ) -> (Vec<f32>, Vec<bool>) {
+    ) -> BlockKeys {
         let hd = self.head_dim;
         let (t_first, t_last) = (c.t0 + range.start, c.t0 + range.end - 1);
         let first = (t_first + 1).saturating_sub(self.window);
-        let mut keys = Vec::with_capacity((t_last + 1 - first) * hd);
+        let n_window = t_last + 1 - first;
+        let mut shared = Vec::with_capacity(n_window * hd);
         for p in first..=t_last {
             let src = if p >= c.t0 {
                 let r = c.row0 + p - c.t0;
@@ -290,64 +291,36 @@ impl Attention {
                 let slot = p % self.window;
                 &state.window[slot * hd..(slot + 1) * hd]
             };
-            keys.extend_from_slice(src);
+            shared.extend_from_slice(src);
         }
-        let n_window = t_last + 1 - first;
-        // Compressed entries of the union, and for each query the set it may see.
-        let (entries, visible_to): (Vec<usize>, Vec<Vec<usize>>) = match self.kind {
-            AttentionKind::Window => (Vec::new(), Vec::new()),
+        let window_of = |t: usize| ((t + 1).saturating_sub(self.window) - first)..(t + 1 - first);
+        let mut views: Vec<QueryKeys> = range.clone().map(|s| QueryKeys { window: window_of(c.t0 + s), prefix: 0 }).collect();
+        let mut own = vec![Vec::new(); range.len()];
+        match self.kind {
+            AttentionKind::Window => {}
             AttentionKind::Hca { ratio } => {
-                let all: Vec<usize> = (0..(t_last + 1) / ratio).collect();
-                let per_query = range.clone().map(|s| (0..(c.t0 + s + 1) / ratio).collect()).collect();
-                (all, per_query)
+                let n = (t_last + 1) / ratio;
+                shared.extend_from_slice(&state.compressed[..n * hd]);
+                for (v, s) in views.iter_mut().zip(range) {
+                    v.prefix = (c.t0 + s + 1) / ratio;
+                }
             }
             AttentionKind::Csa => {
                 let ix = self.indexer.as_ref().expect("CSA layer has an indexer");
                 let (qi, wi) = index.expect("CSA layer computed indexer inputs");
                 let (hi, di) = (ix.heads(), ix.head_dim());
-                let picks: Vec<Vec<usize>> = range
-                    .clone()
-                    .map(|s| {
-                        let row = c.row0 + s;
-                        let visible = (c.t0 + s + 1) / crate::config::CSA_RATIO;
-                        ix.select(
-                            &qi[row * hi * di..(row + 1) * hi * di],
-                            &wi[row * hi..(row + 1) * hi],
-                            &state.index_keys,
-                            visible,
-                        )
-                    })
-                    .collect();
-                let mut union: Vec<usize> = picks.iter().flatten().copied().collect();
-                union.sort_unstable();
-                union.dedup();
-                (union, picks)
-            }
-        };
-        for &j in &entries {
-            keys.extend_from_slice(&state.compressed[j * hd..(j + 1) * hd]);
-        }
-        let u = n_window + entries.len();
-        let mut allowed = vec![false; range.len() * u];
-        for (i, s) in range.enumerate() {
-            let t = c.t0 + s;
-            let row = &mut allowed[i * u..(i + 1) * u];
-            let lo = (t + 1).saturating_sub(self.window);
-            for (p, a) in (first..=t_last).zip(row.iter_mut()) {
-                *a = p >= lo && p <= t;
-            }
-            if let Some(vis) = visible_to.get(i) {
-                // Both lists are sorted: walk them together.
-                let mut k = 0;
-                for (e, a) in entries.iter().zip(row[n_window..].iter_mut()) {
-                    while k < vis.len() && vis[k] < *e {
-                        k += 1;
+                for (o, s) in own.iter_mut().zip(range) {
+                    let row = c.row0 + s;
+                    let visible = (c.t0 + s + 1) / crate::config::CSA_RATIO;
+                    let picks = ix.select(&qi[row * hi * di..(row + 1) * hi * di], &wi[row * hi..(row + 1) * hi], &state.index_keys, visible);
+                    o.reserve(picks.len() * hd);
+                    for j in picks {
+                        o.extend_from_slice(&state.compressed[j * hd..(j + 1) * hd]);
                     }
-                    *a = k < vis.len() && vis[k] == *e;
                 }
             }
         }
-        (keys, allowed)
+        BlockKeys { shared, n_window, views, own }
     }
 
     /// Grouped low-rank output: `u_g = Wo_a[g] · o_g`, then `Wo_b · concat(u)`.

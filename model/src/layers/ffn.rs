@@ -4,6 +4,7 @@
 
 use crate::checkpoint::Checkpoint;
 use crate::error::ModelError;
+use crate::kernels::exp_in_place;
 use crate::layers::linear::Linear;
 use crate::layers::rows::for_each_row;
 
@@ -40,11 +41,14 @@ impl Ffn {
         let inter = self.w1.out_features();
         for_each_row(&mut gate, inter, |r, g_row| {
             let scale = row_weights.map_or(1.0, |w| w[r]);
-            for (g, &u) in g_row.iter_mut().zip(&up[r * inter..(r + 1) * inter]) {
+            let u_row = &up[r * inter..(r + 1) * inter];
+            // silu(g) = g / (1 + e^-g): the exponentials in one vectorised pass.
+            let mut e: Vec<f32> = g_row.iter().map(|g| -if self.limit > 0.0 { g.min(self.limit) } else { *g }).collect();
+            exp_in_place(&mut e);
+            for ((g, &u), e) in g_row.iter_mut().zip(u_row).zip(&e) {
                 let (g_in, u_in) =
                     if self.limit > 0.0 { (g.min(self.limit), u.clamp(-self.limit, self.limit)) } else { (*g, u) };
-                let silu = g_in / (1.0 + (-g_in).exp());
-                *g = silu * u_in;
+                *g = g_in / (1.0 + e) * u_in;
                 if row_weights.is_some() {
                     *g *= scale;
                 }

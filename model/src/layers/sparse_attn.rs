@@ -1,71 +1,92 @@
-//! The attention core shared by every layer kind (spec §5.6): single-latent MQA over a gathered
-//! key set, with a per-head learned sink in the softmax denominator. The key and the value are the
-//! same vector.
+//! The attention core shared by every layer kind (spec §5.6): single-latent MQA over a key set,
+//! with a per-head learned sink in the softmax denominator. The key and the value are the same
+//! vector.
 //!
-//! Queries are processed in blocks: consecutive tokens of a sequence share most of their keys
-//! (their windows overlap, their compressed entries mostly coincide), so a block attends to the
-//! union of its queries' keys with a per-query mask. Two GEMMs per block replace two tiny ones per
-//! token; masked keys get probability exactly 0, so the math is the per-token math.
+//! Queries are processed in blocks. Consecutive tokens of a sequence share most of their keys
+//! (their windows overlap; HCA entries are a common prefix), so a block attends to those shared
+//! keys with two GEMMs, each query masking what it may not see by ranges. Keys that differ per
+//! query (the CSA top-k picks) are attended per query and merged into the same softmax. Masked
+//! keys get probability exactly 0, so the math is the per-token math.
 
-/// `out[b, h] = Σ_u p[b,h,u] · keys[u]` with
-/// `p[b,h,u] = exp(s − M) / (Σ_allowed exp(s − M) + exp(sink_h − M))`, `s = scale · q[b,h] · keys[u]`,
-/// `M` the maximum over allowed keys, and keys not `allowed[b·U + u]` excluded.
-/// `q` and `out` are `[B, H, D]`, `keys` `[U, D]`, `allowed` `[B, U]`.
-pub fn attend_block(q: &[f32], keys: &[f32], allowed: &[bool], sink: &[f32], scale: f32, d: usize, out: &mut [f32]) {
+use crate::kernels::exp_in_place;
+
+/// What one query of a block sees among the block's shared keys: a window range, and the first
+/// `prefix` keys after the `n_window` window keys (visible compressed entries).
+#[derive(Clone, Debug)]
+pub struct QueryKeys {
+    pub window: std::ops::Range<usize>,
+    pub prefix: usize,
+}
+
+fn sgemm(m: usize, k: usize, n: usize, alpha: f32, a: &[f32], a_rows: bool, b: &[f32], b_rows: bool, beta: f32, c: &mut [f32]) {
+    // a is [m, k] row-major; b is [n, k] (b_rows) or [k, n] (!b_rows) row-major; c is [m, n].
+    let (rsa, csa) = if a_rows { (k as isize, 1) } else { (1, m as isize) };
+    let (rsb, csb) = if b_rows { (1, k as isize) } else { (n as isize, 1) };
+    // SAFETY: the strides describe dense row-major buffers of the stated shapes.
+    unsafe {
+        matrixmultiply::sgemm(m, k, n, alpha, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, c.as_mut_ptr(), n as isize, 1);
+    }
+}
+
+/// `q` and `out` are `[B, H, D]`; `shared` is `[U, D]` with the first `n_window` rows the window
+/// keys; `views[b]` is query `b`'s view of them; `own[b]` holds `[J_b, D]` keys only query `b`
+/// sees (may be empty).
+#[allow(clippy::too_many_arguments)]
+pub fn attend_block(
+    q: &[f32],
+    shared: &[f32],
+    n_window: usize,
+    views: &[QueryKeys],
+    own: &[Vec<f32>],
+    sink: &[f32],
+    scale: f32,
+    d: usize,
+    out: &mut [f32],
+) {
     let h = sink.len();
-    let u = keys.len() / d;
-    let rows = q.len() / d; // B·H
-    assert_eq!(allowed.len(), rows / h * u, "mask is not [queries, keys]");
+    let u = shared.len() / d;
+    let b = views.len();
+    let rows = b * h;
     let mut scores = vec![0.0f32; rows * u];
-    // SAFETY: dimensions and strides describe the dense row-major buffers above.
-    unsafe {
-        // scores[r, u] = q[r, :] · keys[u, :]
-        matrixmultiply::sgemm(
-            rows,
-            d,
-            u,
-            scale,
-            q.as_ptr(),
-            d as isize,
-            1,
-            keys.as_ptr(),
-            1,
-            d as isize,
-            0.0,
-            scores.as_mut_ptr(),
-            u as isize,
-            1,
-        );
-    }
-    for (r, row) in scores.chunks_exact_mut(u).enumerate() {
-        let mask = &allowed[(r / h) * u..(r / h + 1) * u];
-        let max = row.iter().zip(mask).filter(|(_, a)| **a).map(|(v, _)| *v).fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0f32;
-        for (v, &a) in row.iter_mut().zip(mask) {
-            *v = if a { (*v - max).exp() } else { 0.0 };
-            sum += *v;
+    sgemm(rows, d, u, scale, q, true, shared, true, 0.0, &mut scores);
+    let own_scores: Vec<Vec<f32>> = (0..b)
+        .map(|i| {
+            let j = own[i].len() / d;
+            let mut s = vec![0.0f32; h * j];
+            if j > 0 {
+                sgemm(h, d, j, scale, &q[i * h * d..(i + 1) * h * d], true, &own[i], true, 0.0, &mut s);
+            }
+            s
+        })
+        .collect();
+    let mut own_probs = own_scores;
+    for r in 0..rows {
+        let (i, head) = (r / h, r % h);
+        let view = &views[i];
+        let row = &mut scores[r * u..(r + 1) * u];
+        let j = own[i].len() / d;
+        let own_row = &mut own_probs[i][head * j..(head + 1) * j];
+        // Mask by ranges, then one softmax over the shared and own keys together.
+        let visible = |k: usize| view.window.contains(&k) || (k >= n_window && k < n_window + view.prefix);
+        for (k, v) in row.iter_mut().enumerate() {
+            if !visible(k) {
+                *v = f32::NEG_INFINITY;
+            }
         }
-        let denom = sum + (sink[r % h] - max).exp();
-        row.iter_mut().for_each(|v| *v /= denom);
+        let max = row.iter().chain(own_row.iter()).fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+        row.iter_mut().chain(own_row.iter_mut()).for_each(|v| *v -= max);
+        exp_in_place(row);
+        exp_in_place(own_row);
+        let total: f32 = row.iter().sum::<f32>() + own_row.iter().sum::<f32>() + (sink[head] - max).exp();
+        let inv = 1.0 / total;
+        row.iter_mut().chain(own_row.iter_mut()).for_each(|v| *v *= inv);
     }
-    // SAFETY: out[r, :] = scores[r, :] · keys
-    unsafe {
-        matrixmultiply::sgemm(
-            rows,
-            u,
-            d,
-            1.0,
-            scores.as_ptr(),
-            u as isize,
-            1,
-            keys.as_ptr(),
-            d as isize,
-            1,
-            0.0,
-            out.as_mut_ptr(),
-            d as isize,
-            1,
-        );
+    sgemm(rows, u, d, 1.0, &scores, true, shared, false, 0.0, out);
+    for i in 0..b {
+        let j = own[i].len() / d;
+        if j > 0 {
+            sgemm(h, j, d, 1.0, &own_probs[i], true, &own[i], false, 1.0, &mut out[i * h * d..(i + 1) * h * d]);
+        }
     }
 }
 
@@ -73,24 +94,17 @@ pub fn attend_block(q: &[f32], keys: &[f32], allowed: &[bool], sink: &[f32], sca
 mod tests {
     use super::*;
 
-    /// Direct softmax with sink, in f64, over the allowed keys only.
-    fn reference(q: &[f32], keys: &[f32], allowed: &[bool], sink: &[f32], scale: f64, d: usize) -> Vec<f64> {
+    /// Direct softmax with sink, in f64, over an explicit key list per query.
+    fn reference(q: &[f32], keys: &[Vec<&[f32]>], sink: &[f32], scale: f64, d: usize) -> Vec<f64> {
         let h = sink.len();
-        let u = keys.len() / d;
-        let b = allowed.len() / u;
-        let mut out = vec![0.0; b * h * d];
-        for bb in 0..b {
+        let mut out = vec![0.0; keys.len() * h * d];
+        for (b, ks) in keys.iter().enumerate() {
             for hh in 0..h {
-                let qv = &q[(bb * h + hh) * d..][..d];
-                let idx: Vec<usize> = (0..u).filter(|&j| allowed[bb * u + j]).collect();
-                let s: Vec<f64> = idx
-                    .iter()
-                    .map(|&j| scale * (0..d).map(|c| qv[c] as f64 * keys[j * d + c] as f64).sum::<f64>())
-                    .collect();
+                let qv = &q[(b * h + hh) * d..][..d];
+                let s: Vec<f64> = ks.iter().map(|k| scale * (0..d).map(|c| qv[c] as f64 * k[c] as f64).sum::<f64>()).collect();
                 let denom: f64 = s.iter().map(|v| v.exp()).sum::<f64>() + (sink[hh] as f64).exp();
                 for c in 0..d {
-                    out[(bb * h + hh) * d + c] =
-                        idx.iter().zip(&s).map(|(&j, sv)| sv.exp() / denom * keys[j * d + c] as f64).sum();
+                    out[(b * h + hh) * d + c] = ks.iter().zip(&s).map(|(k, sv)| sv.exp() / denom * k[c] as f64).sum();
                 }
             }
         }
@@ -98,15 +112,29 @@ mod tests {
     }
 
     #[test]
-    fn matches_direct_softmax_with_sink_and_mask() {
-        let (b, h, d, u) = (3, 2, 4, 5);
-        let q: Vec<f32> = (0..b * h * d).map(|i| (i as f32 * 0.3).sin()).collect();
-        let keys: Vec<f32> = (0..u * d).map(|i| (i as f32 * 0.7).cos()).collect();
-        let allowed: Vec<bool> = (0..b * u).map(|i| i % 3 != 1 || i % u == 0).collect();
+    fn matches_direct_softmax_with_ranges_prefix_and_own_keys() {
+        let (h, d) = (2, 4);
+        let (n_window, n_prefix) = (5, 3);
+        let shared: Vec<f32> = (0..(n_window + n_prefix) * d).map(|i| (i as f32 * 0.7).cos()).collect();
+        let own: Vec<Vec<f32>> = vec![vec![], (0..2 * d).map(|i| (i as f32 * 0.3).sin()).collect(), (0..d).map(|i| i as f32 * 0.1).collect()];
+        let views = vec![
+            QueryKeys { window: 0..3, prefix: 0 },
+            QueryKeys { window: 1..4, prefix: 2 },
+            QueryKeys { window: 2..5, prefix: 3 },
+        ];
+        let q: Vec<f32> = (0..3 * h * d).map(|i| (i as f32 * 0.37).sin()).collect();
         let sink = [0.5f32, -1.0];
-        let mut out = vec![0.0; b * h * d];
-        attend_block(&q, &keys, &allowed, &sink, 0.5, d, &mut out);
-        for (i, (got, want)) in out.iter().zip(reference(&q, &keys, &allowed, &sink, 0.5, d)).enumerate() {
+        let mut out = vec![0.0; 3 * h * d];
+        attend_block(&q, &shared, n_window, &views, &own, &sink, 0.5, d, &mut out);
+        let key = |k: usize| &shared[k * d..(k + 1) * d];
+        let lists: Vec<Vec<&[f32]>> = views
+            .iter()
+            .zip(&own)
+            .map(|(v, o)| {
+                v.window.clone().map(key).chain((n_window..n_window + v.prefix).map(key)).chain(o.chunks(d)).collect()
+            })
+            .collect();
+        for (i, (got, want)) in out.iter().zip(reference(&q, &lists, &sink, 0.5, d)).enumerate() {
             assert!((*got as f64 - want).abs() < 1e-5, "element {i}: {got} vs {want}");
         }
     }
@@ -117,7 +145,7 @@ mod tests {
         let q = vec![1.0f32; 2];
         let keys = vec![1.0f32, 1.0, 1.0, 1.0];
         let mut out = vec![0.0; 2];
-        attend_block(&q, &keys, &[true, true], &[-1e4], 1.0, 2, &mut out);
+        attend_block(&q, &keys, 2, &[QueryKeys { window: 0..2, prefix: 0 }], &[vec![]], &[-1e4], 1.0, 2, &mut out);
         assert!((out[0] - 1.0).abs() < 1e-6);
     }
 }
