@@ -57,11 +57,13 @@ pub fn gemm(x: &[f32], m: usize, segments: &[Segment<'_>], parallel: bool) -> Ve
         starts.push(starts.last().unwrap() + s.rows.len());
     }
     let n = *starts.last().unwrap();
-    let mut out = vec![0.0f32; m * n];
+    // SGEMM with beta = 0 never reads C, and the panels cover every column of every row, so the
+    // output is written straight into the vector's spare capacity: no zero-fill pass first.
+    let mut out: Vec<f32> = Vec::with_capacity(m * n);
     let threads = if parallel { rayon::current_num_threads() } else { 1 };
     let per = panel_rows(n, k, threads);
     let panels: Vec<Range<usize>> = (0..n).step_by(per.max(1)).map(|s| s..(s + per).min(n)).collect();
-    let ptr = OutPtr(out.as_mut_ptr());
+    let ptr = OutPtr(out.spare_capacity_mut().as_mut_ptr().cast::<f32>());
     let run = |panel: &Range<usize>| {
         PANEL.with(|buf| {
             let mut buf = buf.borrow_mut();
@@ -98,5 +100,7 @@ pub fn gemm(x: &[f32], m: usize, segments: &[Segment<'_>], parallel: bool) -> Ve
     } else {
         panels.iter().for_each(run);
     }
+    // SAFETY: every one of the m·n elements was written by exactly one panel above.
+    unsafe { out.set_len(m * n) };
     out
 }

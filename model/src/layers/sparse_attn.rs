@@ -18,13 +18,19 @@ pub struct QueryKeys {
     pub prefix: usize,
 }
 
-fn sgemm(m: usize, k: usize, n: usize, alpha: f32, a: &[f32], a_rows: bool, b: &[f32], b_rows: bool, beta: f32, c: &mut [f32]) {
-    // a is [m, k] row-major; b is [n, k] (b_rows) or [k, n] (!b_rows) row-major; c is [m, n].
-    let (rsa, csa) = if a_rows { (k as isize, 1) } else { (1, m as isize) };
-    let (rsb, csb) = if b_rows { (1, k as isize) } else { (n as isize, 1) };
+/// `c[m, n] = alpha · a[m, k] · b[n, k]ᵀ` (scores: queries against keys), all row-major.
+fn gemm_abt(m: usize, k: usize, n: usize, alpha: f32, a: &[f32], b: &[f32], c: &mut [f32]) {
     // SAFETY: the strides describe dense row-major buffers of the stated shapes.
     unsafe {
-        matrixmultiply::sgemm(m, k, n, alpha, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, c.as_mut_ptr(), n as isize, 1);
+        matrixmultiply::sgemm(m, k, n, alpha, a.as_ptr(), k as isize, 1, b.as_ptr(), 1, k as isize, 0.0, c.as_mut_ptr(), n as isize, 1);
+    }
+}
+
+/// `c[m, n] = a[m, k] · b[k, n] + beta · c` (probabilities times values), all row-major.
+fn gemm_ab(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], beta: f32, c: &mut [f32]) {
+    // SAFETY: the strides describe dense row-major buffers of the stated shapes.
+    unsafe {
+        matrixmultiply::sgemm(m, k, n, 1.0, a.as_ptr(), k as isize, 1, b.as_ptr(), n as isize, 1, beta, c.as_mut_ptr(), n as isize, 1);
     }
 }
 
@@ -47,14 +53,45 @@ pub fn attend_block(
     let u = shared.len() / d;
     let b = views.len();
     let rows = b * h;
-    let mut scores = vec![0.0f32; rows * u];
-    sgemm(rows, d, u, scale, q, true, shared, true, 0.0, &mut scores);
+    SCORES.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        if buf.len() < rows * u {
+            buf.resize(rows * u, 0.0);
+        }
+        softmax_and_combine(q, shared, n_window, views, own, sink, scale, d, &mut buf[..rows * u], out);
+    });
+}
+
+thread_local! {
+    /// Scores scratch, reused across blocks: SGEMM overwrites it (beta = 0), so stale contents
+    /// never matter and no zero-fill is paid per block.
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+#[allow(clippy::too_many_arguments)]
+fn softmax_and_combine(
+    q: &[f32],
+    shared: &[f32],
+    n_window: usize,
+    views: &[QueryKeys],
+    own: &[Vec<f32>],
+    sink: &[f32],
+    scale: f32,
+    d: usize,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let h = sink.len();
+    let u = shared.len() / d;
+    let b = views.len();
+    let rows = b * h;
+    gemm_abt(rows, d, u, scale, q, shared, scores);
     let own_scores: Vec<Vec<f32>> = (0..b)
         .map(|i| {
             let j = own[i].len() / d;
             let mut s = vec![0.0f32; h * j];
             if j > 0 {
-                sgemm(h, d, j, scale, &q[i * h * d..(i + 1) * h * d], true, &own[i], true, 0.0, &mut s);
+                gemm_abt(h, d, j, scale, &q[i * h * d..(i + 1) * h * d], &own[i], &mut s);
             }
             s
         })
@@ -81,11 +118,11 @@ pub fn attend_block(
         let inv = 1.0 / total;
         row.iter_mut().chain(own_row.iter_mut()).for_each(|v| *v *= inv);
     }
-    sgemm(rows, u, d, 1.0, &scores, true, shared, false, 0.0, out);
+    gemm_ab(rows, u, d, scores, shared, 0.0, out);
     for i in 0..b {
         let j = own[i].len() / d;
         if j > 0 {
-            sgemm(h, j, d, 1.0, &own_probs[i], true, &own[i], false, 1.0, &mut out[i * h * d..(i + 1) * h * d]);
+            gemm_ab(h, j, d, &own_probs[i], &own[i], 1.0, &mut out[i * h * d..(i + 1) * h * d]);
         }
     }
 }
