@@ -106,10 +106,13 @@ fn changing_a_token_never_changes_earlier_logits() {
     }
 }
 
-/// Several sequences at different positions decoded in one step give what each gives alone.
+/// Several sequences at different positions decoded in one step give what each gives alone, up
+/// to summation order (a batch of 3 runs the 3-row GEMV kernel, a single sequence the 1-row one).
+/// Simulations off: with them on, an ulp of difference can move an FP8 rounding by a grid step,
+/// which is not what batching is about.
 #[test]
 fn batched_decode_equals_individual_decode() {
-    let m = micro(QuantSim::default());
+    let m = micro(QuantSim::off());
     let vocab = m.model.config().vocab_size;
     let prompts: Vec<Vec<u32>> = [3usize, 17, 40].iter().enumerate().map(|(i, &n)| tokens(n, vocab, 10 + i)).collect();
     let next: Vec<[u32; 1]> = (0..3).map(|i| [(i * 31 + 5) as u32]).collect();

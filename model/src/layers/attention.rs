@@ -215,16 +215,24 @@ impl Attention {
         };
         states.par_iter_mut().zip(chunks).for_each(|(state, c)| {
             let rows = c.row0..c.row0 + c.len;
-            if let (Some(ix), Some((_, _, p))) = (&self.indexer, &index_inputs) {
-                let st = state.index_compressor.as_mut().expect("CSA state has an indexer compressor");
-                let keys = ix.compressor.absorb(st, p, rows.clone(), c.t0, &self.rope, sim.indexer_fp4);
-                state.index_keys.extend(keys);
-            }
-            if let (Some(comp), Some(p)) = (&self.compressor, &projected) {
-                let st = state.compressor.as_mut().expect("compressed layer has compressor state");
-                let entries = comp.absorb(st, p, rows, c.t0, &self.rope, sim.kv_fp8);
-                state.compressed.extend(entries);
-            }
+            let st = &mut **state;
+            // The indexer's and the main compressor's state machines are independent.
+            rayon::join(
+                || {
+                    if let (Some(ix), Some((_, _, p))) = (&self.indexer, &index_inputs) {
+                        let cs = st.index_compressor.as_mut().expect("CSA state has an indexer compressor");
+                        let keys = ix.compressor.absorb(cs, p, rows.clone(), c.t0, &self.rope, sim.indexer_fp4);
+                        st.index_keys.extend(keys);
+                    }
+                },
+                || {
+                    if let (Some(comp), Some(p)) = (&self.compressor, &projected) {
+                        let cs = st.compressor.as_mut().expect("compressed layer has compressor state");
+                        let entries = comp.absorb(cs, p, rows.clone(), c.t0, &self.rope, sim.kv_fp8);
+                        st.compressed.extend(entries);
+                    }
+                },
+            );
         });
 
         // Attention in blocks of consecutive queries, blocks in parallel (states are read-only).

@@ -6,6 +6,7 @@
 use crate::checkpoint::Checkpoint;
 use crate::config::CSA_RATIO;
 use crate::error::ModelError;
+use crate::kernels::exp_in_place;
 use crate::layers::linear::Linear;
 use crate::layers::norm::RmsNorm;
 use crate::layers::rope::Rope;
@@ -146,27 +147,28 @@ impl Compressor {
     fn pool(&self, state: &CompressorState) -> Vec<f32> {
         let (m, c) = (self.ratio, self.width);
         let w = self.coff() * c;
+        // Candidate rows (as offsets into the state): with overlap, the previous block's first
+        // half and the current block's second half; otherwise the block's rows.
+        let candidates: Vec<usize> =
+            if self.overlap { (0..m).map(|i| i * w).chain((0..m).map(|i| (m + i) * w + c)).collect() } else { (0..m).map(|i| i * w).collect() };
+        let mut max = vec![f32::NEG_INFINITY; c];
+        for &at in &candidates {
+            max.iter_mut().zip(&state.score[at..at + c]).for_each(|(m, s)| *m = m.max(*s));
+        }
+        // Per channel: softmax weights first, then the weighted sum (the reference's order of
+        // rounding); the exponentials row by row, vectorised.
+        let mut weights = vec![0.0f32; candidates.len() * c];
+        let mut den = vec![0.0f32; c];
+        for (row, &at) in weights.chunks_exact_mut(c).zip(&candidates) {
+            row.iter_mut().zip(&state.score[at..at + c]).zip(&max).for_each(|((e, s), m)| *e = s - m);
+            exp_in_place(row);
+            den.iter_mut().zip(row.iter()).for_each(|(d, e)| *d += e);
+        }
         let mut out = vec![0.0f32; c];
-        // Candidate (row, column offset) pairs: with overlap, the previous block's first half and
-        // the current block's second half; otherwise the block's rows.
-        let candidates: Vec<(usize, usize)> = if self.overlap {
-            (0..m).map(|i| (i, 0)).chain((0..m).map(|i| (m + i, c))).collect()
-        } else {
-            (0..m).map(|i| (i, 0)).collect()
-        };
-        let mut weights = vec![0.0f32; candidates.len()];
-        for (ch, o) in out.iter_mut().enumerate() {
-            let mut max = f32::NEG_INFINITY;
-            for &(row, off) in &candidates {
-                max = max.max(state.score[row * w + off + ch]);
+        for (row, &at) in weights.chunks_exact(c).zip(&candidates) {
+            for (((o, e), d), v) in out.iter_mut().zip(row).zip(&den).zip(&state.kv[at..at + c]) {
+                *o += e / d * v;
             }
-            // softmax first, then the weighted sum: the reference's order of rounding.
-            let mut den = 0.0f32;
-            for (e, &(row, off)) in weights.iter_mut().zip(&candidates) {
-                *e = (state.score[row * w + off + ch] - max).exp();
-                den += *e;
-            }
-            *o = weights.iter().zip(&candidates).map(|(e, &(row, off))| e / den * state.kv[row * w + off + ch]).sum();
         }
         out
     }
