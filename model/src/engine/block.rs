@@ -53,23 +53,23 @@ impl Block {
             + self.shared.bytes()
     }
 
-    /// Advances `streams` (`[T, n, d]`) through the block.
+    /// Advances `streams` (`[T, n, d]`) through the block, in place.
     pub fn forward(
         &self,
-        streams: &[f32],
+        streams: &mut [f32],
         ids: &[u32],
         chunks: &[Chunk],
         states: &mut [&mut AttentionState],
         experts: &dyn ExpertBackend,
         sim: QuantSim,
-    ) -> Result<Vec<f32>, ModelError> {
+    ) -> Result<(), ModelError> {
         let tokens = ids.len();
         let (mut x, mix) = self.hc_attn.pre(streams, tokens);
         self.attn_norm.apply(&mut x);
         let a = self.attn.forward(&x, chunks, states, sim);
-        let streams = hc_post(&a, streams, &mix, self.dim);
+        hc_post(&a, streams, &mix, self.dim);
 
-        let (mut x, mix) = self.hc_ffn.pre(&streams, tokens);
+        let (mut x, mix) = self.hc_ffn.pre(streams, tokens);
         self.ffn_norm.apply(&mut x);
         let routes = self.router.route(&x, ids);
         // The shared expert runs while the routed experts do (in process: on the other cores;
@@ -78,7 +78,8 @@ impl Block {
             rayon::join(|| experts.forward(self.layer, &x, &routes), || self.shared.forward(&x, tokens, None));
         let mut y = routed?;
         y.iter_mut().zip(&shared).for_each(|(a, b)| *a += b);
-        Ok(hc_post(&y, &streams, &mix, self.dim))
+        hc_post(&y, streams, &mix, self.dim);
+        Ok(())
     }
 }
 

@@ -193,8 +193,8 @@ impl Model {
         let mut streams = self.expand(&self.embed_rows(&ids));
         for (l, block) in self.blocks.iter().enumerate() {
             let mut states: Vec<&mut AttentionState> = steps.iter_mut().map(|s| &mut s.state.layers[l]).collect();
-            match block.forward(&streams, &ids, &chunks, &mut states, experts, self.sim) {
-                Ok(next) => streams = next,
+            match block.forward(&mut streams, &ids, &chunks, &mut states, experts, self.sim) {
+                Ok(()) => {}
                 Err(e) => {
                     steps.iter_mut().for_each(|s| s.state.poisoned = true);
                     return Err(e);
@@ -244,10 +244,10 @@ impl Model {
         }
         let (ids, chunks) = batch_layout(steps.iter().map(|s| (s.state.mtp_pos, s.next_tokens)));
         let main: Vec<f32> = steps.iter().flat_map(|s| s.streams.iter().copied()).collect();
-        let input = mtp.input_streams(&main, &self.embed_rows(&ids), self.cfg.hc_mult);
+        let mut streams = mtp.input_streams(&main, &self.embed_rows(&ids), self.cfg.hc_mult);
         let mut states: Vec<&mut AttentionState> = steps.iter_mut().map(|s| &mut s.state.mtp[0]).collect();
-        let streams = match mtp.block.forward(&input, &ids, &chunks, &mut states, experts, self.sim) {
-            Ok(s) => s,
+        match mtp.block.forward(&mut streams, &ids, &chunks, &mut states, experts, self.sim) {
+            Ok(()) => {}
             Err(e) => {
                 steps.iter_mut().for_each(|s| s.state.poisoned = true);
                 return Err(e);

@@ -201,9 +201,9 @@ fn stacked_gemms(jobs: &[MatmulJob<'_>]) -> Vec<Vec<f32>> {
         let mut col = 0;
         for &j in &group {
             let nj = jobs[j].w.rows;
-            let mut part = vec![0.0f32; m * nj];
+            let mut part = Vec::with_capacity(m * nj);
             for r in 0..m {
-                part[r * nj..(r + 1) * nj].copy_from_slice(&stacked[r * n + col..r * n + col + nj]);
+                part.extend_from_slice(&stacked[r * n + col..r * n + col + nj]);
             }
             results[j] = Some(part);
             col += nj;

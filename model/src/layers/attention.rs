@@ -302,7 +302,8 @@ impl Attention {
             shared.extend_from_slice(src);
         }
         let window_of = |t: usize| ((t + 1).saturating_sub(self.window) - first)..(t + 1 - first);
-        let mut views: Vec<QueryKeys> = range.clone().map(|s| QueryKeys { window: window_of(c.t0 + s), prefix: 0 }).collect();
+        let mut views: Vec<QueryKeys> =
+            range.clone().map(|s| QueryKeys { window: window_of(c.t0 + s), prefix: 0 }).collect();
         let mut own = vec![Vec::new(); range.len()];
         match self.kind {
             AttentionKind::Window => {}
@@ -320,7 +321,12 @@ impl Attention {
                 for (o, s) in own.iter_mut().zip(range) {
                     let row = c.row0 + s;
                     let visible = (c.t0 + s + 1) / crate::config::CSA_RATIO;
-                    let picks = ix.select(&qi[row * hi * di..(row + 1) * hi * di], &wi[row * hi..(row + 1) * hi], &state.index_keys, visible);
+                    let picks = ix.select(
+                        &qi[row * hi * di..(row + 1) * hi * di],
+                        &wi[row * hi..(row + 1) * hi],
+                        &state.index_keys,
+                        visible,
+                    );
                     o.reserve(picks.len() * hd);
                     for j in picks {
                         o.extend_from_slice(&state.compressed[j * hd..(j + 1) * hd]);

@@ -149,8 +149,11 @@ impl Compressor {
         let w = self.coff() * c;
         // Candidate rows (as offsets into the state): with overlap, the previous block's first
         // half and the current block's second half; otherwise the block's rows.
-        let candidates: Vec<usize> =
-            if self.overlap { (0..m).map(|i| i * w).chain((0..m).map(|i| (m + i) * w + c)).collect() } else { (0..m).map(|i| i * w).collect() };
+        let candidates: Vec<usize> = if self.overlap {
+            (0..m).map(|i| i * w).chain((0..m).map(|i| (m + i) * w + c)).collect()
+        } else {
+            (0..m).map(|i| i * w).collect()
+        };
         let mut max = vec![f32::NEG_INFINITY; c];
         for &at in &candidates {
             max.iter_mut().zip(&state.score[at..at + c]).for_each(|(m, s)| *m = m.max(*s));

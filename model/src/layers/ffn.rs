@@ -43,7 +43,8 @@ impl Ffn {
             let scale = row_weights.map_or(1.0, |w| w[r]);
             let u_row = &up[r * inter..(r + 1) * inter];
             // silu(g) = g / (1 + e^-g): the exponentials in one vectorised pass.
-            let mut e: Vec<f32> = g_row.iter().map(|g| -if self.limit > 0.0 { g.min(self.limit) } else { *g }).collect();
+            let mut e: Vec<f32> =
+                g_row.iter().map(|g| -if self.limit > 0.0 { g.min(self.limit) } else { *g }).collect();
             exp_in_place(&mut e);
             for ((g, &u), e) in g_row.iter_mut().zip(u_row).zip(&e) {
                 let (g_in, u_in) =

@@ -121,23 +121,22 @@ impl HcSite {
     }
 }
 
-/// HCPost: `X'_j = c_j · f + Σ_i M[i][j] · X_i` (output stream `j` gathers column `j` of M).
-pub fn hc_post(sublayer_out: &[f32], streams: &[f32], mixes: &HcMix, dim: usize) -> Vec<f32> {
+/// HCPost: `X'_j = c_j · f + Σ_i M[i][j] · X_i` (output stream `j` gathers column `j` of M),
+/// updating `streams` in place (each token's old streams are copied aside first).
+pub fn hc_post(sublayer_out: &[f32], streams: &mut [f32], mixes: &HcMix, dim: usize) {
     let n = mixes.n;
-    let mut out = vec![0.0f32; streams.len()];
-    for_each_row(&mut out, n * dim, |t, token_out| {
+    for_each_row(streams, n * dim, |t, token| {
         let (_, post, comb) = mixes.token(t);
         let f = &sublayer_out[t * dim..(t + 1) * dim];
-        for (j, dst) in token_out.chunks_exact_mut(dim).enumerate() {
+        let old = token.to_vec();
+        for (j, dst) in token.chunks_exact_mut(dim).enumerate() {
             dst.iter_mut().zip(f).for_each(|(o, v)| *o = post[j] * v);
-            for i in 0..n {
-                let src = &streams[(t * n + i) * dim..(t * n + i + 1) * dim];
+            for (i, src) in old.chunks_exact(dim).enumerate() {
                 let c = comb[i * n + j];
                 dst.iter_mut().zip(src).for_each(|(o, v)| *o += c * v);
             }
         }
     });
-    out
 }
 
 fn sigmoid(x: f32) -> f32 {
@@ -217,8 +216,8 @@ mod tests {
         let dim = 1;
         // pre (unused), post = [1, 0], comb = [[0.9, 0.1], [0.2, 0.8]]
         let mixes = HcMix { n, values: vec![0.0, 0.0, 1.0, 0.0, 0.9, 0.1, 0.2, 0.8] };
-        let streams = [10.0, 100.0];
-        let out = hc_post(&[5.0], &streams, &mixes, dim);
+        let mut out = [10.0, 100.0];
+        hc_post(&[5.0], &mut out, &mixes, dim);
         assert!((out[0] - (5.0 + 0.9 * 10.0 + 0.2 * 100.0)).abs() < 1e-5);
         assert!((out[1] - (0.1 * 10.0 + 0.8 * 100.0)).abs() < 1e-5);
     }

@@ -22,7 +22,22 @@ pub struct QueryKeys {
 fn gemm_abt(m: usize, k: usize, n: usize, alpha: f32, a: &[f32], b: &[f32], c: &mut [f32]) {
     // SAFETY: the strides describe dense row-major buffers of the stated shapes.
     unsafe {
-        matrixmultiply::sgemm(m, k, n, alpha, a.as_ptr(), k as isize, 1, b.as_ptr(), 1, k as isize, 0.0, c.as_mut_ptr(), n as isize, 1);
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            alpha,
+            a.as_ptr(),
+            k as isize,
+            1,
+            b.as_ptr(),
+            1,
+            k as isize,
+            0.0,
+            c.as_mut_ptr(),
+            n as isize,
+            1,
+        );
     }
 }
 
@@ -30,7 +45,22 @@ fn gemm_abt(m: usize, k: usize, n: usize, alpha: f32, a: &[f32], b: &[f32], c: &
 fn gemm_ab(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], beta: f32, c: &mut [f32]) {
     // SAFETY: the strides describe dense row-major buffers of the stated shapes.
     unsafe {
-        matrixmultiply::sgemm(m, k, n, 1.0, a.as_ptr(), k as isize, 1, b.as_ptr(), n as isize, 1, beta, c.as_mut_ptr(), n as isize, 1);
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            1.0,
+            a.as_ptr(),
+            k as isize,
+            1,
+            b.as_ptr(),
+            n as isize,
+            1,
+            beta,
+            c.as_mut_ptr(),
+            n as isize,
+            1,
+        );
     }
 }
 
@@ -138,7 +168,8 @@ mod tests {
         for (b, ks) in keys.iter().enumerate() {
             for hh in 0..h {
                 let qv = &q[(b * h + hh) * d..][..d];
-                let s: Vec<f64> = ks.iter().map(|k| scale * (0..d).map(|c| qv[c] as f64 * k[c] as f64).sum::<f64>()).collect();
+                let s: Vec<f64> =
+                    ks.iter().map(|k| scale * (0..d).map(|c| qv[c] as f64 * k[c] as f64).sum::<f64>()).collect();
                 let denom: f64 = s.iter().map(|v| v.exp()).sum::<f64>() + (sink[hh] as f64).exp();
                 for c in 0..d {
                     out[(b * h + hh) * d + c] = ks.iter().zip(&s).map(|(k, sv)| sv.exp() / denom * k[c] as f64).sum();
@@ -153,7 +184,11 @@ mod tests {
         let (h, d) = (2, 4);
         let (n_window, n_prefix) = (5, 3);
         let shared: Vec<f32> = (0..(n_window + n_prefix) * d).map(|i| (i as f32 * 0.7).cos()).collect();
-        let own: Vec<Vec<f32>> = vec![vec![], (0..2 * d).map(|i| (i as f32 * 0.3).sin()).collect(), (0..d).map(|i| i as f32 * 0.1).collect()];
+        let own: Vec<Vec<f32>> = vec![
+            vec![],
+            (0..2 * d).map(|i| (i as f32 * 0.3).sin()).collect(),
+            (0..d).map(|i| i as f32 * 0.1).collect(),
+        ];
         let views = vec![
             QueryKeys { window: 0..3, prefix: 0 },
             QueryKeys { window: 1..4, prefix: 2 },
