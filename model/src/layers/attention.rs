@@ -15,7 +15,7 @@ use super::linear::Linear;
 use super::norm::{RmsNorm, rms_normalize};
 use super::rope::{Rope, RopeAngles};
 use super::rows::{for_each_row, map_rows};
-use super::sparse_attn::{QueryKeys, attend_block};
+use super::sparse_attn::{BlockKeys, QueryKeys, attend_block};
 use crate::checkpoint::Checkpoint;
 use crate::checkpoint::layout::block_prefix;
 use crate::config::{AttentionKind, ModelConfig};
@@ -78,14 +78,6 @@ impl AttentionState {
 /// Consecutive queries of a sequence attended together (see `sparse_attn`): 16 tokens share all
 /// but 15 of their window keys, so the block's union costs little more than one query's set.
 const QUERY_BLOCK: usize = 16;
-
-/// The keys of one query block (see `sparse_attn::attend_block`).
-struct BlockKeys {
-    shared: Vec<f32>,
-    n_window: usize,
-    views: Vec<QueryKeys>,
-    own: Vec<Vec<f32>>,
-}
 
 /// Where a sequence's tokens sit in the call: positions `t0..t0+len`, rows `row0..row0+len`.
 #[derive(Clone, Copy, Debug)]
@@ -255,7 +247,7 @@ impl Attention {
                 let rows = c.row0 + range.start..c.row0 + range.end;
                 let k = self.gather_block(shared[seq], &kv, c, range, index);
                 let q_rows = &q[rows.start * h * hd..rows.end * h * hd];
-                attend_block(q_rows, &k.shared, k.n_window, &k.views, &k.own, &self.sink, self.scale, hd, out);
+                attend_block(q_rows, &k, &self.sink, self.scale, hd, out);
                 for (row, o_row) in rows.zip(out.chunks_exact_mut(h * hd)) {
                     o_row.chunks_exact_mut(hd).for_each(|head| angles[row].unrotate(head));
                 }

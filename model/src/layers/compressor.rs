@@ -79,6 +79,23 @@ impl Compressor {
         })
     }
 
+    /// A compressor with unit norm and no projections (unit tests of code built on one).
+    #[cfg(test)]
+    pub(crate) fn for_tests(ratio: usize, width: usize, ape: Vec<f32>) -> Self {
+        let unused = || Linear::new(crate::kernels::WeightMatrix::from_f32(1, 1, vec![0.0]).unwrap(), false);
+        Compressor {
+            wkv: unused(),
+            wgate: unused(),
+            ape,
+            norm: RmsNorm::new(vec![1.0; width], 1e-6),
+            ratio,
+            overlap: ratio == CSA_RATIO,
+            width,
+            rope_dim: 2,
+            indexer: true,
+        }
+    }
+
     pub fn ratio(&self) -> usize {
         self.ratio
     }
@@ -113,6 +130,22 @@ impl Compressor {
         rope: &Rope,
         simulate: bool,
     ) -> Vec<f32> {
+        let (mut entries, first_positions) = self.absorb_raw(state, p, rows, t0);
+        for (entry, &pos) in entries.chunks_exact_mut(self.width).zip(&first_positions) {
+            self.finish(entry, pos, rope, simulate);
+        }
+        entries
+    }
+
+    /// The state machine alone: pooled entries (before norm/RoPE/simulation) and the first
+    /// position of each entry's block.
+    fn absorb_raw(
+        &self,
+        state: &mut CompressorState,
+        p: &Projected,
+        rows: std::ops::Range<usize>,
+        t0: usize,
+    ) -> (Vec<f32>, Vec<usize>) {
         let (m, c) = (self.ratio, self.width);
         let w = self.coff() * c;
         let mut entries = Vec::new();
@@ -137,10 +170,7 @@ impl Compressor {
                 }
             }
         }
-        for (entry, &pos) in entries.chunks_exact_mut(c).zip(&first_positions) {
-            self.finish(entry, pos, rope, simulate);
-        }
-        entries
+        (entries, first_positions)
     }
 
     /// Per-channel softmax over the block's candidates, weighted sum of their values.
@@ -188,5 +218,96 @@ impl Compressor {
             let nope = entry.len() - self.rope_dim;
             fp8_sim(&mut entry[..nope], KV_SIM_BLOCK);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::random::SplitMix64;
+
+    fn compressor(ratio: usize, width: usize, rng: &mut SplitMix64) -> Compressor {
+        let overlap = ratio == CSA_RATIO;
+        let coff = 1 + overlap as usize;
+        let unused = || Linear::new(crate::kernels::WeightMatrix::from_f32(1, 1, vec![0.0]).unwrap(), false);
+        Compressor {
+            wkv: unused(),
+            wgate: unused(),
+            ape: (0..ratio * coff * width).map(|_| rng.symmetric()).collect(),
+            norm: RmsNorm::new(vec![1.0; width], 1e-6),
+            ratio,
+            overlap,
+            width,
+            rope_dim: 2,
+            indexer: false,
+        }
+    }
+
+    /// Spec §5.3 written out directly: entry j pools, per channel, the tokens of block j (the
+    /// "cur" half with overlap) and, with overlap, the "prev" half of block j−1's tokens.
+    fn brute_force(cmp: &Compressor, a: &[f32], z: &[f32], tokens: usize) -> Vec<f32> {
+        let (m, c) = (cmp.ratio, cmp.width);
+        let w = if cmp.overlap { 2 * c } else { c };
+        let mut out = Vec::new();
+        for j in 0..tokens / m {
+            for ch in 0..c {
+                let mut cands: Vec<(f64, f64)> = Vec::new();
+                for t in j * m..(j + 1) * m {
+                    let col = if cmp.overlap { c + ch } else { ch };
+                    cands.push(((z[t * w + col] + cmp.ape[(t % m) * w + col]) as f64, a[t * w + col] as f64));
+                }
+                if cmp.overlap && j > 0 {
+                    for t in (j - 1) * m..j * m {
+                        cands.push(((z[t * w + ch] + cmp.ape[(t % m) * w + ch]) as f64, a[t * w + ch] as f64));
+                    }
+                }
+                let max = cands.iter().map(|c| c.0).fold(f64::NEG_INFINITY, f64::max);
+                let den: f64 = cands.iter().map(|c| (c.0 - max).exp()).sum();
+                out.push((cands.iter().map(|c| (c.0 - max).exp() / den * c.1).sum::<f64>()) as f32);
+            }
+        }
+        out
+    }
+
+    /// Fed in uneven chunks (the state carries partial blocks across calls, as between prefill
+    /// and decode), the state machine emits exactly the brute-force entries.
+    #[test]
+    fn state_machine_matches_direct_pooling() {
+        for ratio in [4, 8] {
+            let mut rng = SplitMix64::new(ratio as u64);
+            let (c, tokens) = (6, 37);
+            let cmp = compressor(ratio, c, &mut rng);
+            let w = if cmp.overlap { 2 * c } else { c };
+            let a: Vec<f32> = (0..tokens * w).map(|_| rng.symmetric()).collect();
+            let z: Vec<f32> = (0..tokens * w).map(|_| 2.0 * rng.symmetric()).collect();
+            let p = Projected { kv: a.clone(), score: z.clone() };
+            let mut state = cmp.new_state();
+            let mut got = Vec::new();
+            let mut firsts = Vec::new();
+            let mut t = 0;
+            for len in [1, 3, 5, 2, 9, 4, 13] {
+                let (e, f) = cmp.absorb_raw(&mut state, &p, t..t + len, t);
+                got.extend(e);
+                firsts.extend(f);
+                t += len;
+            }
+            assert_eq!(t, tokens);
+            let want = brute_force(&cmp, &a, &z, tokens);
+            assert_eq!(got.len(), want.len(), "ratio {ratio}: entry count");
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((g - w).abs() < 1e-5, "ratio {ratio}, value {i}: {g} vs {w}");
+            }
+            assert_eq!(firsts, (0..tokens / ratio).map(|j| j * ratio).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn state_size_matches_spec() {
+        let mut rng = SplitMix64::new(1);
+        // Spec §8.1 with D = 512, Di = 128: CSA main 64 KiB, CSA indexer 16 KiB, HCA 512 KiB.
+        assert_eq!(compressor(4, 512, &mut rng).state_bytes(), 64 * 1024);
+        assert_eq!(compressor(4, 128, &mut rng).state_bytes(), 16 * 1024);
+        assert_eq!(compressor(128, 512, &mut rng).state_bytes(), 512 * 1024);
+        assert_eq!(compressor(4, 512, &mut rng).new_state().bytes(), 64 * 1024);
     }
 }

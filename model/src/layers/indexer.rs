@@ -96,3 +96,53 @@ impl Indexer {
         picked
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::random::SplitMix64;
+
+    fn indexer(heads: usize, head_dim: usize, topk: usize) -> Indexer {
+        let unused = || Linear::new(crate::kernels::WeightMatrix::from_f32(1, 1, vec![0.0]).unwrap(), false);
+        let ape = vec![0.0; 4 * 2 * head_dim];
+        Indexer {
+            wq_b: unused(),
+            weights_proj: unused(),
+            compressor: Compressor::for_tests(4, head_dim, ape),
+            heads,
+            head_dim,
+            topk,
+            weight_scale: 1.0,
+        }
+    }
+
+    /// With continuous scores (no ties), the choice is the brute-force top-k of
+    /// `Σ_h w_h · ReLU(q_h · K_j)` over the visible entries; entries past `visible` never appear.
+    #[test]
+    fn select_is_the_top_k_of_relu_weighted_scores() {
+        let (heads, di) = (3, 32);
+        let ix = indexer(heads, di, 5);
+        let mut rng = SplitMix64::new(9);
+        let keys: Vec<f32> = (0..40 * di).map(|_| rng.symmetric()).collect();
+        let q: Vec<f32> = (0..heads * di).map(|_| rng.symmetric()).collect();
+        let w = [0.7f32, -0.2, 1.3];
+        for visible in [3, 5, 17, 40] {
+            let got = ix.select(&q, &w, &keys[..40 * di], visible);
+            let mut scored: Vec<(f64, usize)> = (0..visible)
+                .map(|j| {
+                    let s = (0..heads)
+                        .map(|h| {
+                            let dot: f64 = (0..di).map(|c| q[h * di + c] as f64 * keys[j * di + c] as f64).sum();
+                            w[h] as f64 * dot.max(0.0)
+                        })
+                        .sum();
+                    (s, j)
+                })
+                .collect();
+            scored.sort_by(|a, b| b.0.total_cmp(&a.0));
+            let mut want: Vec<usize> = scored.iter().take(5).map(|s| s.1).collect();
+            want.sort_unstable();
+            assert_eq!(got, want, "visible {visible}");
+        }
+    }
+}

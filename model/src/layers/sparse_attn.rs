@@ -64,31 +64,28 @@ fn gemm_ab(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], beta: f32, c: &mu
     }
 }
 
-/// `q` and `out` are `[B, H, D]`; `shared` is `[U, D]` with the first `n_window` rows the window
-/// keys; `views[b]` is query `b`'s view of them; `own[b]` holds `[J_b, D]` keys only query `b`
-/// sees (may be empty).
-#[allow(clippy::too_many_arguments)]
-pub fn attend_block(
-    q: &[f32],
-    shared: &[f32],
-    n_window: usize,
-    views: &[QueryKeys],
-    own: &[Vec<f32>],
-    sink: &[f32],
-    scale: f32,
-    d: usize,
-    out: &mut [f32],
-) {
-    let h = sink.len();
-    let u = shared.len() / d;
-    let b = views.len();
-    let rows = b * h;
+/// The keys of one query block.
+pub struct BlockKeys {
+    /// `[U, D]`: the window keys first (`n_window` rows), then any compressed entries all of the
+    /// block's queries may see a prefix of.
+    pub shared: Vec<f32>,
+    pub n_window: usize,
+    /// Each query's view of `shared`.
+    pub views: Vec<QueryKeys>,
+    /// `[J_b, D]` keys only query `b` sees (its CSA top-k picks; may be empty).
+    pub own: Vec<Vec<f32>>,
+}
+
+/// `q` and `out` are `[B, H, D]`.
+pub fn attend_block(q: &[f32], keys: &BlockKeys, sink: &[f32], scale: f32, d: usize, out: &mut [f32]) {
+    let rows = keys.views.len() * sink.len();
+    let u = keys.shared.len() / d;
     SCORES.with(|buf| {
         let mut buf = buf.borrow_mut();
         if buf.len() < rows * u {
             buf.resize(rows * u, 0.0);
         }
-        softmax_and_combine(q, shared, n_window, views, own, sink, scale, d, &mut buf[..rows * u], out);
+        softmax_and_combine(q, keys, sink, scale, d, &mut buf[..rows * u], out);
     });
 }
 
@@ -98,19 +95,17 @@ thread_local! {
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-#[allow(clippy::too_many_arguments)]
 fn softmax_and_combine(
     q: &[f32],
-    shared: &[f32],
-    n_window: usize,
-    views: &[QueryKeys],
-    own: &[Vec<f32>],
+    keys: &BlockKeys,
     sink: &[f32],
     scale: f32,
     d: usize,
     scores: &mut [f32],
     out: &mut [f32],
 ) {
+    let BlockKeys { shared, n_window, views, own } = keys;
+    let n_window = *n_window;
     let h = sink.len();
     let u = shared.len() / d;
     let b = views.len();
@@ -197,7 +192,8 @@ mod tests {
         let q: Vec<f32> = (0..3 * h * d).map(|i| (i as f32 * 0.37).sin()).collect();
         let sink = [0.5f32, -1.0];
         let mut out = vec![0.0; 3 * h * d];
-        attend_block(&q, &shared, n_window, &views, &own, &sink, 0.5, d, &mut out);
+        let keys = BlockKeys { shared: shared.clone(), n_window, views: views.clone(), own: own.clone() };
+        attend_block(&q, &keys, &sink, 0.5, d, &mut out);
         let key = |k: usize| &shared[k * d..(k + 1) * d];
         let lists: Vec<Vec<&[f32]>> = views
             .iter()
@@ -217,7 +213,13 @@ mod tests {
         let q = vec![1.0f32; 2];
         let keys = vec![1.0f32, 1.0, 1.0, 1.0];
         let mut out = vec![0.0; 2];
-        attend_block(&q, &keys, 2, &[QueryKeys { window: 0..2, prefix: 0 }], &[vec![]], &[-1e4], 1.0, 2, &mut out);
+        let keys = BlockKeys {
+            shared: keys,
+            n_window: 2,
+            views: vec![QueryKeys { window: 0..2, prefix: 0 }],
+            own: vec![vec![]],
+        };
+        attend_block(&q, &keys, &[-1e4], 1.0, 2, &mut out);
         assert!((out[0] - 1.0).abs() < 1e-6);
     }
 }
