@@ -37,6 +37,44 @@ impl OutPtr {
     }
 }
 
+/// Outputs narrower than this are split across threads by input rows instead of by output
+/// columns: cutting 24 columns (the mHC mixes) in two leaves each thread a ragged sliver.
+const NARROW: usize = 128;
+
+/// Decodes the (narrow) weight once and gives each thread a block of input rows.
+fn gemm_split_rows(x: &[f32], m: usize, k: usize, segments: &[Segment<'_>], starts: &[usize], threads: usize, out: OutPtr) {
+    let n = *starts.last().unwrap();
+    let mut w = vec![0.0f32; n * k];
+    for (seg, s0) in segments.iter().zip(starts) {
+        for (j, r) in seg.rows.clone().enumerate() {
+            super::decode_row(seg.w, r, &mut w[(s0 + j) * k..(s0 + j + 1) * k]);
+        }
+    }
+    let per = m.div_ceil(threads * 2);
+    let blocks: Vec<Range<usize>> = (0..m).step_by(per).map(|s| s..(s + per).min(m)).collect();
+    blocks.par_iter().for_each(|b| {
+        // SAFETY: C = out[b, :] (disjoint row blocks of the output); A = x[b, :]; B = wᵀ.
+        unsafe {
+            matrixmultiply::sgemm(
+                b.len(),
+                k,
+                n,
+                1.0,
+                x.as_ptr().add(b.start * k),
+                k as isize,
+                1,
+                w.as_ptr(),
+                1,
+                k as isize,
+                0.0,
+                out.at(b.start * n),
+                n as isize,
+                1,
+            );
+        }
+    });
+}
+
 /// Rows `rows` of `w`: one part of the virtual matrix a GEMM runs over.
 pub struct Segment<'a> {
     pub w: &'a WeightMatrix,
@@ -61,6 +99,12 @@ pub fn gemm(x: &[f32], m: usize, segments: &[Segment<'_>], parallel: bool) -> Ve
     // output is written straight into the vector's spare capacity: no zero-fill pass first.
     let mut out: Vec<f32> = Vec::with_capacity(m * n);
     let threads = if parallel { rayon::current_num_threads() } else { 1 };
+    if threads > 1 && n < NARROW && m >= 16 * threads {
+        gemm_split_rows(x, m, k, segments, &starts, threads, OutPtr(out.spare_capacity_mut().as_mut_ptr().cast::<f32>()));
+        // SAFETY: every row block wrote all n columns of its rows.
+        unsafe { out.set_len(m * n) };
+        return out;
+    }
     let per = panel_rows(n, k, threads);
     let panels: Vec<Range<usize>> = (0..n).step_by(per.max(1)).map(|s| s..(s + per).min(n)).collect();
     let ptr = OutPtr(out.spare_capacity_mut().as_mut_ptr().cast::<f32>());
