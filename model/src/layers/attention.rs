@@ -310,17 +310,17 @@ impl Attention {
                 let ix = self.indexer.as_ref().expect("CSA layer has an indexer");
                 let (qi, wi) = index.expect("CSA layer computed indexer inputs");
                 let (hi, di) = (ix.heads(), ix.head_dim());
-                for (o, s) in own.iter_mut().zip(range) {
-                    let row = c.row0 + s;
-                    let visible = (c.t0 + s + 1) / crate::config::CSA_RATIO;
-                    let picks = ix.select(
-                        &qi[row * hi * di..(row + 1) * hi * di],
-                        &wi[row * hi..(row + 1) * hi],
-                        &state.index_keys,
-                        visible,
-                    );
-                    o.reserve(picks.len() * hd);
-                    for j in picks {
+                let rows = c.row0 + range.start..c.row0 + range.end;
+                let visible: Vec<usize> = range.clone().map(|s| (c.t0 + s + 1) / crate::config::CSA_RATIO).collect();
+                let picks = ix.select_block(
+                    &qi[rows.start * hi * di..rows.end * hi * di],
+                    &wi[rows.start * hi..rows.end * hi],
+                    &state.index_keys,
+                    &visible,
+                );
+                for (o, p) in own.iter_mut().zip(picks) {
+                    o.reserve(p.len() * hd);
+                    for j in p {
                         o.extend_from_slice(&state.compressed[j * hd..(j + 1) * hd]);
                     }
                 }

@@ -4,7 +4,6 @@
 use crate::checkpoint::Checkpoint;
 use crate::config::{CSA_RATIO, ModelConfig};
 use crate::error::ModelError;
-use crate::kernels;
 use crate::layers::compressor::{Compressor, INDEX_SIM_BLOCK};
 use crate::layers::linear::Linear;
 use crate::layers::rope::RopeAngles;
@@ -77,23 +76,54 @@ impl Indexer {
     /// reference's prefill mask), then PyTorch's top-`min(topk, total)` with its tie order, and
     /// the masked picks dropped. Sorted ascending.
     pub fn select(&self, q: &[f32], w: &[f32], keys: &[f32], visible: usize) -> Vec<usize> {
-        let di = self.head_dim;
+        self.select_block(q, w, keys, &[visible]).remove(0)
+    }
+
+    /// [`select`](Self::select) for a block of queries (`q` is `[B, Hi·Di]`, `w` `[B, Hi]`):
+    /// every head of every query is scored against every key with one GEMM.
+    pub fn select_block(&self, q: &[f32], w: &[f32], keys: &[f32], visible: &[usize]) -> Vec<Vec<usize>> {
+        let (hi, di) = (self.heads, self.head_dim);
         let total = keys.len() / di;
-        if visible <= self.topk && total <= self.topk {
-            return (0..visible).collect();
+        let b = visible.len();
+        if visible.iter().all(|&v| v <= self.topk) && total <= self.topk {
+            return visible.iter().map(|&v| (0..v).collect()).collect();
         }
-        let scores: Vec<f32> = (0..total)
-            .map(|j| {
-                if j >= visible {
-                    return f32::NEG_INFINITY;
-                }
-                let key = &keys[j * di..(j + 1) * di];
-                (0..self.heads).map(|h| w[h] * kernels::dot(&q[h * di..(h + 1) * di], key).max(0.0)).sum::<f32>()
+        let rows = b * hi;
+        let mut dots = vec![0.0f32; rows * total];
+        // SAFETY: dots[r, j] = q[r, :] · keys[j, :], dense row-major buffers of these shapes.
+        unsafe {
+            matrixmultiply::sgemm(
+                rows,
+                di,
+                total,
+                1.0,
+                q.as_ptr(),
+                di as isize,
+                1,
+                keys.as_ptr(),
+                1,
+                di as isize,
+                0.0,
+                dots.as_mut_ptr(),
+                total as isize,
+                1,
+            );
+        }
+        (0..b)
+            .map(|i| {
+                let scores: Vec<f32> = (0..total)
+                    .map(|j| {
+                        if j >= visible[i] {
+                            return f32::NEG_INFINITY;
+                        }
+                        (0..hi).map(|h| w[i * hi + h] * dots[(i * hi + h) * total + j].max(0.0)).sum::<f32>()
+                    })
+                    .collect();
+                let mut picked = torch_topk(&scores, self.topk.min(total));
+                picked.retain(|&j| j < visible[i]);
+                picked
             })
-            .collect();
-        let mut picked = torch_topk(&scores, self.topk.min(total));
-        picked.retain(|&j| j < visible);
-        picked
+            .collect()
     }
 }
 

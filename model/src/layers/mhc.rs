@@ -128,15 +128,25 @@ pub fn hc_post(sublayer_out: &[f32], streams: &mut [f32], mixes: &HcMix, dim: us
     for_each_row(streams, n * dim, |t, token| {
         let (_, post, comb) = mixes.token(t);
         let f = &sublayer_out[t * dim..(t + 1) * dim];
-        let old = token.to_vec();
-        for (j, dst) in token.chunks_exact_mut(dim).enumerate() {
-            dst.iter_mut().zip(f).for_each(|(o, v)| *o = post[j] * v);
-            for (i, src) in old.chunks_exact(dim).enumerate() {
-                let c = comb[i * n + j];
-                dst.iter_mut().zip(src).for_each(|(o, v)| *o += c * v);
+        OLD_STREAMS.with(|old| {
+            let mut old = old.borrow_mut();
+            old.clear();
+            old.extend_from_slice(token);
+            for (j, dst) in token.chunks_exact_mut(dim).enumerate() {
+                dst.iter_mut().zip(f).for_each(|(o, v)| *o = post[j] * v);
+                for (i, src) in old.chunks_exact(dim).enumerate() {
+                    let c = comb[i * n + j];
+                    dst.iter_mut().zip(src).for_each(|(o, v)| *o += c * v);
+                }
             }
-        }
+        });
     });
+}
+
+thread_local! {
+    /// One token's streams before HCPost rewrites them (reused: a fresh allocation per token was
+    /// a measurable share of prefill).
+    static OLD_STREAMS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 fn sigmoid(x: f32) -> f32 {
