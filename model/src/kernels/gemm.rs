@@ -42,7 +42,15 @@ impl OutPtr {
 const NARROW: usize = 128;
 
 /// Decodes the (narrow) weight once and gives each thread a block of input rows.
-fn gemm_split_rows(x: &[f32], m: usize, k: usize, segments: &[Segment<'_>], starts: &[usize], threads: usize, out: OutPtr) {
+fn gemm_split_rows(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    segments: &[Segment<'_>],
+    starts: &[usize],
+    threads: usize,
+    out: OutPtr,
+) {
     let n = *starts.last().unwrap();
     let mut w = vec![0.0f32; n * k];
     for (seg, s0) in segments.iter().zip(starts) {
@@ -100,7 +108,15 @@ pub fn gemm(x: &[f32], m: usize, segments: &[Segment<'_>], parallel: bool) -> Ve
     let mut out: Vec<f32> = Vec::with_capacity(m * n);
     let threads = if parallel { rayon::current_num_threads() } else { 1 };
     if threads > 1 && n < NARROW && m >= 16 * threads {
-        gemm_split_rows(x, m, k, segments, &starts, threads, OutPtr(out.spare_capacity_mut().as_mut_ptr().cast::<f32>()));
+        gemm_split_rows(
+            x,
+            m,
+            k,
+            segments,
+            &starts,
+            threads,
+            OutPtr(out.spare_capacity_mut().as_mut_ptr().cast::<f32>()),
+        );
         // SAFETY: every row block wrote all n columns of its rows.
         unsafe { out.set_len(m * n) };
         return out;
