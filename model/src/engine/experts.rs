@@ -178,6 +178,9 @@ impl ExpertStore {
             }
         }
         let work: Vec<(u32, &Assigned)> = by_expert.iter().map(|(e, v)| (*e, v)).collect();
+        // With at least one expert per thread, the experts are the parallelism; each expert's
+        // products stay on its thread.
+        let per_expert_parallel = work.len() < rayon::current_num_threads();
         let results: Vec<Vec<f32>> = work
             .par_iter()
             .map(|(e, (tokens, weights))| {
@@ -185,7 +188,9 @@ impl ExpertStore {
                 for &t in tokens {
                     x.extend_from_slice(&hidden[t * d..(t + 1) * d]);
                 }
-                self.experts[&(layer, *e as usize)].forward(&x, tokens.len(), Some(weights))
+                let ffn = &self.experts[&(layer, *e as usize)];
+                let run = || ffn.forward(&x, tokens.len(), Some(weights));
+                if per_expert_parallel { run() } else { crate::kernels::sequential(run) }
             })
             .collect();
         let mut out = vec![0.0f32; hidden.len()];

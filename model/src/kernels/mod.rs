@@ -55,6 +55,25 @@ fn detect_simd() -> bool {
     }
 }
 
+thread_local! {
+    static SEQUENTIAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the kernels kept on the calling thread: for callers that already spread
+/// independent work over the pool (one task per expert), where splitting each product again
+/// only adds synchronisation and duplicate packing.
+pub fn sequential<R>(f: impl FnOnce() -> R) -> R {
+    let before = SEQUENTIAL.with(|s| s.replace(true));
+    let out = f();
+    SEQUENTIAL.with(|s| s.set(before));
+    out
+}
+
+/// Threads the kernels may use from here.
+fn threads_here() -> usize {
+    if SEQUENTIAL.with(|s| s.get()) { 1 } else { rayon::current_num_threads() }
+}
+
 /// Switches the process to the portable kernels (benchmark baseline, and tests that compare the
 /// two paths). Switching back re-detects the CPU.
 pub fn force_portable(portable: bool) {
@@ -99,7 +118,7 @@ pub fn matmul_rows(x: &[f32], m: usize, w: &WeightMatrix, rows: Range<usize>) ->
     if m == 0 || n == 0 {
         return out;
     }
-    let threads = rayon::current_num_threads();
+    let threads = threads_here();
     if m <= gemv::MAX_ROWS {
         let parallel = threads > 1 && n * w.cols >= PARALLEL_MIN_WEIGHTS;
         let mut out_t = if m == 1 { Vec::new() } else { vec![0.0f32; m * n] };
@@ -139,7 +158,7 @@ pub struct MatmulJob<'a> {
 /// decode-sized batches the rows of all matrices are shared out in one parallel region: many of a
 /// layer's matrices are too small to split alone, but together they keep every core streaming.
 pub fn matmul_many(jobs: &[MatmulJob<'_>]) -> Vec<Vec<f32>> {
-    let threads = rayon::current_num_threads();
+    let threads = threads_here();
     if jobs.iter().any(|j| j.m > gemv::MAX_ROWS || j.m == 0) {
         return stacked_gemms(jobs);
     }
@@ -196,7 +215,7 @@ fn stacked_gemms(jobs: &[MatmulJob<'_>]) -> Vec<Vec<f32>> {
         let segments: Vec<gemm::Segment<'_>> =
             group.iter().map(|&j| gemm::Segment { w: jobs[j].w, rows: 0..jobs[j].w.rows }).collect();
         let n: usize = segments.iter().map(|s| s.rows.len()).sum();
-        let parallel = rayon::current_num_threads() > 1 && m * n * jobs[i].w.cols >= PARALLEL_MIN_MACS;
+        let parallel = threads_here() > 1 && m * n * jobs[i].w.cols >= PARALLEL_MIN_MACS;
         let stacked = gemm::gemm(x, m, &segments, parallel);
         let mut col = 0;
         for &j in &group {
