@@ -48,4 +48,7 @@ pub enum ExpertError {
     /// A malformed request (shape, ids, non-finite values).
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// A backend answered with something that is not a valid result (wrong size, non-finite).
+    #[error("invalid response: {0}")]
+    InvalidResponse(String),
 }

@@ -118,3 +118,35 @@ fn requests_are_validated_and_name_the_problem() {
         assert!(err.contains(want), "expected {want:?} in {err}");
     }
 }
+
+#[test]
+fn explicit_pairs_select_per_layer_experts() {
+    let ckpt = in_memory(&Preset::Micro.config(), 7, InitDtype::Bf16).unwrap();
+    let store = ExpertStore::load(&ckpt, &ExpertSelection::pairs([(0, 3), (5, 11)]), QuantSim::default()).unwrap();
+    assert_eq!(store.held().collect::<Vec<_>>(), vec![(0, 3), (5, 11)]);
+    let err =
+        ExpertStore::load(&ckpt, &ExpertSelection::pairs([(0, 16)]), QuantSim::default()).err().unwrap().to_string();
+    assert!(err.contains("layer 0 expert 16"), "{err}");
+    let err = ExpertSelection::parse_ids("0-99999999999").unwrap_err();
+    assert!(err.contains("0-99999999999"), "{err}");
+}
+
+/// A backend that answers with the wrong size is an error, not a panic, and the states are
+/// marked as needing a restart.
+#[test]
+fn malformed_backend_reply_is_an_error() {
+    struct Short;
+    impl ExpertBackend for Short {
+        fn forward(&self, _: usize, hidden: &[f32], _: &Routes) -> Result<Vec<f32>, ExpertError> {
+            Ok(vec![0.0; hidden.len() / 2])
+        }
+    }
+    let ckpt = in_memory(&Preset::Micro.config(), 7, InitDtype::Bf16).unwrap();
+    let model = Model::load(&ckpt, LoadOptions::default()).unwrap();
+    let mut s = model.new_sequence();
+    let err =
+        model.forward(&mut [expertmesh_model::engine::Step::new(&mut s, &[1, 2, 3])], &Short).unwrap_err().to_string();
+    assert!(err.contains("expert backend returned"), "{err}");
+    assert!(s.is_poisoned());
+    assert!(model.forward(&mut [], &Short).unwrap().is_empty());
+}

@@ -69,10 +69,16 @@ impl Checkpoint {
         let se = self.require(&sname)?;
         check_shape(&sname, se, shape)?;
         let raw = self.bytes(se);
-        match se.dtype {
-            Dtype::F8_E8M0 | Dtype::U8 => Ok(raw.as_slice().iter().map(|&b| e8m0_to_f32(b)).collect()),
-            Dtype::F32 => Ok(f32s(raw.as_slice())),
-            other => Err(bad(&sname, format!("dtype {other:?}, expected F8_E8M0 or F32"))),
+        let scales = match se.dtype {
+            Dtype::F8_E8M0 | Dtype::U8 => raw.as_slice().iter().map(|&b| e8m0_to_f32(b)).collect::<Vec<_>>(),
+            Dtype::F32 => f32s(raw.as_slice()),
+            other => return Err(bad(&sname, format!("dtype {other:?}, expected F8_E8M0 or F32"))),
+        };
+        // A NaN scale (UE8M0 code 255) would poison every product of its tile; scales are
+        // 1/16384 of the weight bytes, so checking them all is cheap.
+        match scales.iter().position(|s| !s.is_finite() || *s <= 0.0) {
+            Some(i) => Err(bad(&sname, format!("scale [{i}] is {}, not a positive power of two", scales[i]))),
+            None => Ok(scales),
         }
     }
 

@@ -13,6 +13,7 @@ use crate::layers::norm::RmsNorm;
 use crate::layers::router::Router;
 
 use super::experts::ExpertBackend;
+use crate::error::ExpertError;
 
 pub struct Block {
     pub layer: usize,
@@ -77,6 +78,23 @@ impl Block {
         let (routed, shared) =
             rayon::join(|| experts.forward(self.layer, &x, &routes), || self.shared.forward(&x, tokens, None));
         let mut y = routed?;
+        // A remote backend's reply is input like any other: check it before it reaches the streams.
+        if y.len() != x.len() {
+            return Err(ExpertError::InvalidResponse(format!(
+                "layer {}: expert backend returned {} values for {tokens} tokens × {}",
+                self.layer,
+                y.len(),
+                self.dim
+            ))
+            .into());
+        }
+        if let Some(i) = y.iter().position(|v| !v.is_finite()) {
+            return Err(ExpertError::InvalidResponse(format!(
+                "layer {}: expert output [{i}] is not finite",
+                self.layer
+            ))
+            .into());
+        }
         y.iter_mut().zip(&shared).for_each(|(a, b)| *a += b);
         hc_post(&y, streams, &mix, self.dim);
         Ok(())

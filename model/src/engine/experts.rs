@@ -23,25 +23,35 @@ pub trait ExpertBackend: Send + Sync {
     fn forward(&self, layer: usize, hidden: &[f32], routes: &Routes) -> Result<Vec<f32>, ExpertError>;
 }
 
-/// Which routed experts a store holds.
+/// Which routed experts a store holds: every `(layer, expert)` of `layers × experts`, or an
+/// explicit set of pairs (placements that hold different experts on different layers).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ExpertSelection {
     /// Blocks (main layers and MTP, by layer id); `None` = all.
     pub layers: Option<BTreeSet<usize>>,
     /// Expert ids; `None` = all.
     pub experts: Option<BTreeSet<usize>>,
+    /// When set, exactly these pairs (the two fields above are ignored).
+    pub pairs: Option<BTreeSet<(usize, usize)>>,
 }
 
 impl ExpertSelection {
+    /// More ids than any model has layers or experts: a typo, not a selection.
+    pub const MAX_IDS: usize = 1 << 16;
+
     pub fn all() -> Self {
-        ExpertSelection { layers: None, experts: None }
+        ExpertSelection { layers: None, experts: None, pairs: None }
     }
 
     pub fn experts(ids: impl IntoIterator<Item = usize>) -> Self {
-        ExpertSelection { layers: None, experts: Some(ids.into_iter().collect()) }
+        ExpertSelection { layers: None, experts: Some(ids.into_iter().collect()), pairs: None }
     }
 
-    /// Parses `"0-7,12,14-15"` (inclusive ranges).
+    pub fn pairs(pairs: impl IntoIterator<Item = (usize, usize)>) -> Self {
+        ExpertSelection { layers: None, experts: None, pairs: Some(pairs.into_iter().collect()) }
+    }
+
+    /// Parses `"0-7,12,14-15"` (inclusive ranges), at most [`MAX_IDS`](Self::MAX_IDS) ids.
     pub fn parse_ids(text: &str) -> Result<BTreeSet<usize>, String> {
         let mut out = BTreeSet::new();
         for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -50,7 +60,7 @@ impl ExpertSelection {
                 Some((a, b)) => {
                     let (a, b): (usize, usize) =
                         (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
-                    if a > b {
+                    if a > b || b - a >= Self::MAX_IDS || out.len() + (b - a) >= Self::MAX_IDS {
                         return Err(bad());
                     }
                     out.extend(a..=b);
@@ -68,6 +78,16 @@ impl ExpertSelection {
 
     /// The (layer, expert) pairs selected under `cfg`, or an error naming an id out of range.
     pub fn resolve(&self, cfg: &ModelConfig) -> Result<Vec<(usize, usize)>, ModelError> {
+        if let Some(pairs) = &self.pairs {
+            if let Some(&(l, e)) = pairs.iter().find(|(l, e)| *l >= cfg.n_blocks() || *e >= cfg.n_routed_experts) {
+                return Err(ModelError::InvalidInput(format!(
+                    "layer {l} expert {e} does not exist (model has {} blocks × {} routed experts)",
+                    cfg.n_blocks(),
+                    cfg.n_routed_experts
+                )));
+            }
+            return Ok(pairs.iter().copied().collect());
+        }
         if let Some(&l) = self.layers.as_ref().and_then(|l| l.iter().find(|&&l| l >= cfg.n_blocks())) {
             return Err(ModelError::InvalidInput(format!(
                 "layer {l} does not exist (model has {} blocks)",
@@ -95,6 +115,7 @@ impl ExpertSelection {
 /// Routed experts held in this process: a whole model's, or a shard's. Loads only the tensors of
 /// the experts it holds.
 pub struct ExpertStore {
+    sim: QuantSim,
     dim: usize,
     n_blocks: usize,
     n_experts: usize,
@@ -109,7 +130,12 @@ impl ExpertStore {
             let prefix = format!("{}.ffn.experts.{e}", block_prefix(cfg, layer));
             experts.insert((layer, e), Ffn::load(ckpt, &prefix, sim.gemm_inputs)?);
         }
-        Ok(ExpertStore { dim: cfg.dim, n_blocks: cfg.n_blocks(), n_experts: cfg.n_routed_experts, experts })
+        Ok(ExpertStore { sim, dim: cfg.dim, n_blocks: cfg.n_blocks(), n_experts: cfg.n_routed_experts, experts })
+    }
+
+    /// The simulations this store computes with (the attention side must use the same).
+    pub fn quant_sim(&self) -> QuantSim {
+        self.sim
     }
 
     pub fn holds(&self, layer: usize, expert: usize) -> bool {

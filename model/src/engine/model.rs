@@ -174,7 +174,12 @@ impl Model {
         e
     }
 
+    /// Logits of the given token rows, the head applied to all of them in one product (the head
+    /// is the largest matrix a decode step reads).
     fn logits(&self, streams: &[f32], rows: &[usize], hc_head: &HcSite, norm: &RmsNorm) -> Vec<f32> {
+        if rows.is_empty() {
+            return Vec::new();
+        }
         let width = self.cfg.hc_dim();
         let picked: Vec<f32> = rows.iter().flat_map(|&r| streams[r * width..(r + 1) * width].iter().copied()).collect();
         let mut h = hc_head.head(&picked, rows.len());
@@ -186,6 +191,9 @@ impl Model {
     /// their own positions. On success every state advances by its chunk; on a backend failure the
     /// states are marked poisoned.
     pub fn forward(&self, steps: &mut [Step<'_>], experts: &dyn ExpertBackend) -> Result<Vec<StepOutput>, ModelError> {
+        if steps.is_empty() {
+            return Ok(Vec::new());
+        }
         for (i, s) in steps.iter().enumerate() {
             self.validate(s.state, s.tokens, s.state.pos, &format!("sequence {i}"))?;
         }
@@ -202,17 +210,15 @@ impl Model {
             }
         }
         let width = self.cfg.hc_dim();
+        let rows: Vec<Vec<usize>> = steps.iter().zip(&chunks).map(|(s, c)| logit_rows(s.logits, c)).collect();
+        let mut logits = self.logits(&streams, &rows.concat(), &self.hc_head, &self.norm).into_iter();
+        let vocab = self.cfg.vocab_size;
         let mut out = Vec::with_capacity(steps.len());
-        for (s, c) in steps.iter_mut().zip(&chunks) {
+        for ((s, c), r) in steps.iter_mut().zip(&chunks).zip(&rows) {
             s.state.pos += c.len;
-            let rows = logit_rows(s.logits, c);
             out.push(StepOutput {
-                logits: if rows.is_empty() {
-                    Vec::new()
-                } else {
-                    self.logits(&streams, &rows, &self.hc_head, &self.norm)
-                },
-                rows: rows.len(),
+                logits: logits.by_ref().take(r.len() * vocab).collect(),
+                rows: r.len(),
                 streams: s.keep_streams.then(|| streams[c.row0 * width..(c.row0 + c.len) * width].to_vec()),
             });
         }
@@ -231,9 +237,17 @@ impl Model {
             .first()
             .ok_or_else(|| ModelError::InvalidInput("the model was loaded without its MTP block".into()))?;
         let width = self.cfg.hc_dim();
+        if steps.is_empty() {
+            return Ok(Vec::new());
+        }
         for (i, s) in steps.iter().enumerate() {
             let what = format!("mtp sequence {i}");
             self.validate(s.state, s.next_tokens, s.state.mtp_pos, &what)?;
+            if s.state.mtp.is_empty() {
+                return Err(ModelError::InvalidInput(format!(
+                    "{what}: state was created by a model without its MTP block"
+                )));
+            }
             if s.streams.len() != s.next_tokens.len() * width {
                 return Err(ModelError::InvalidInput(format!(
                     "{what}: {} stream values for {} tokens (expected tokens × {width})",
@@ -253,21 +267,16 @@ impl Model {
                 return Err(e);
             }
         };
+        let rows: Vec<Vec<usize>> = steps.iter().zip(&chunks).map(|(s, c)| logit_rows(s.logits, c)).collect();
+        let mut logits = self.logits(&streams, &rows.concat(), &mtp.hc_head, &mtp.norm).into_iter();
+        let vocab = self.cfg.vocab_size;
         Ok(steps
             .iter_mut()
             .zip(&chunks)
-            .map(|(s, c)| {
+            .zip(&rows)
+            .map(|((s, c), r)| {
                 s.state.mtp_pos += c.len;
-                let rows = logit_rows(s.logits, c);
-                StepOutput {
-                    logits: if rows.is_empty() {
-                        Vec::new()
-                    } else {
-                        self.logits(&streams, &rows, &mtp.hc_head, &mtp.norm)
-                    },
-                    rows: rows.len(),
-                    streams: None,
-                }
+                StepOutput { logits: logits.by_ref().take(r.len() * vocab).collect(), rows: r.len(), streams: None }
             })
             .collect())
     }

@@ -82,6 +82,13 @@ pub fn force_portable(portable: bool) {
 
 /// Decodes one weight row to f32.
 pub fn decode_row(w: &WeightMatrix, row: usize, out: &mut [f32]) {
+    assert!(
+        row < w.rows && out.len() >= w.cols,
+        "decode_row: row {row} of a {}×{} matrix into {} values",
+        w.rows,
+        w.cols,
+        out.len()
+    );
     #[cfg(target_arch = "x86_64")]
     if simd_available() {
         // SAFETY: features checked above.

@@ -48,33 +48,44 @@ pub(crate) enum WeightData {
     },
 }
 
+/// The kernels index the stored bytes through `rows`/`cols` without re-checking, so those are
+/// crate-private and fixed at construction, where they are checked against the data length.
 #[derive(Clone, Debug)]
 pub struct WeightMatrix {
-    pub rows: usize,
-    pub cols: usize,
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
     pub(crate) data: WeightData,
 }
 
-fn check_len(what: &str, got: usize, want: usize) -> Result<(), String> {
-    if got == want { Ok(()) } else { Err(format!("{what}: {got} bytes, expected {want}")) }
+fn check_len(what: &str, got: usize, want: Option<usize>) -> Result<(), String> {
+    match want {
+        Some(w) if w == got => Ok(()),
+        Some(w) => Err(format!("{what}: {got} bytes, expected {w}")),
+        None => Err(format!("{what}: the shape's byte size overflows")),
+    }
+}
+
+/// `a · b · c` without overflow.
+fn bytes_of(a: usize, b: usize, c: usize) -> Option<usize> {
+    a.checked_mul(b)?.checked_mul(c)
 }
 
 impl WeightMatrix {
     pub fn from_f32(rows: usize, cols: usize, values: Vec<f32>) -> Result<Self, String> {
-        check_len("f32 weight", values.len() * 4, rows * cols * 4)?;
+        check_len("f32 weight", values.len() * 4, bytes_of(rows, cols, 4))?;
         Ok(WeightMatrix { rows, cols, data: WeightData::F32(values) })
     }
 
     /// bf16 little-endian values.
     pub fn from_bf16(rows: usize, cols: usize, bytes: Bytes) -> Result<Self, String> {
-        check_len("bf16 weight", bytes.len(), rows * cols * 2)?;
+        check_len("bf16 weight", bytes.len(), bytes_of(rows, cols, 2))?;
         Ok(WeightMatrix { rows, cols, data: WeightData::Bf16(bytes) })
     }
 
     /// e4m3 codes `[rows, cols]` and the decoded block scales `[ceil(rows/128), ceil(cols/128)]`.
     pub fn from_fp8(rows: usize, cols: usize, codes: Bytes, scales: Vec<f32>) -> Result<Self, String> {
-        check_len("fp8 weight", codes.len(), rows * cols)?;
-        check_len("fp8 scale", scales.len() * 4, rows.div_ceil(FP8_TILE) * cols.div_ceil(FP8_TILE) * 4)?;
+        check_len("fp8 weight", codes.len(), bytes_of(rows, cols, 1))?;
+        check_len("fp8 scale", scales.len() * 4, bytes_of(rows.div_ceil(FP8_TILE), cols.div_ceil(FP8_TILE), 4))?;
         Ok(WeightMatrix { rows, cols, data: WeightData::Fp8 { codes, scales, row0: 0 } })
     }
 
@@ -83,9 +94,19 @@ impl WeightMatrix {
         if !cols.is_multiple_of(FP4_BLOCK) {
             return Err(format!("fp4 weight: input width {cols} is not a multiple of {FP4_BLOCK}"));
         }
-        check_len("fp4 weight", codes.len(), rows * cols / 2)?;
-        check_len("fp4 scale", scales.len(), rows * cols / FP4_BLOCK)?;
+        check_len("fp4 weight", codes.len(), bytes_of(rows, cols / 2, 1))?;
+        check_len("fp4 scale", scales.len(), bytes_of(rows, cols / FP4_BLOCK, 1))?;
         Ok(WeightMatrix { rows, cols, data: WeightData::Fp4 { codes, scales } })
+    }
+
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input features.
+    pub fn cols(&self) -> usize {
+        self.cols
     }
 
     pub fn format(&self) -> WeightFormat {

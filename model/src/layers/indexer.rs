@@ -89,6 +89,10 @@ impl Indexer {
             return visible.iter().map(|&v| (0..v).collect()).collect();
         }
         let rows = b * hi;
+        assert!(
+            q.len() == rows * di && w.len() == rows && keys.len() == total * di,
+            "select_block: inconsistent shapes"
+        );
         let mut dots = vec![0.0f32; rows * total];
         // SAFETY: dots[r, j] = q[r, :] · keys[j, :], dense row-major buffers of these shapes.
         unsafe {

@@ -24,6 +24,9 @@ impl Linear {
         Linear { weight, quantize_input }
     }
 
+    /// Loads `name`. An FP8/FP4 weight whose input is quantised must have an input width that
+    /// splits into the 128-wide activation blocks; checked here because the file, not the config,
+    /// decides the format.
     pub fn load(
         ckpt: &Checkpoint,
         name: &str,
@@ -31,7 +34,14 @@ impl Linear {
         cols: usize,
         quantize_input: bool,
     ) -> Result<Self, ModelError> {
-        Ok(Self::new(ckpt.linear(name, rows, cols)?, quantize_input))
+        let w = ckpt.linear(name, rows, cols)?;
+        if quantize_input && w.is_quantized() && cols % ACT_BLOCK != 0 {
+            return Err(ModelError::Checkpoint(format!(
+                "tensor {name}: {} input width {cols} is not a multiple of {ACT_BLOCK} (FP8 activation blocks)",
+                w.format().name()
+            )));
+        }
+        Ok(Self::new(w, quantize_input))
     }
 
     pub fn in_features(&self) -> usize {

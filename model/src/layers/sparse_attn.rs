@@ -80,6 +80,15 @@ pub struct BlockKeys {
 pub fn attend_block(q: &[f32], keys: &BlockKeys, sink: &[f32], scale: f32, d: usize, out: &mut [f32]) {
     let rows = keys.views.len() * sink.len();
     let u = keys.shared.len() / d;
+    // The GEMMs below go through raw pointers: the shapes must hold.
+    assert!(
+        q.len() == rows * d
+            && out.len() == rows * d
+            && keys.shared.len() == u * d
+            && keys.own.len() == keys.views.len(),
+        "attend_block: inconsistent shapes"
+    );
+    assert!(keys.own.iter().all(|o| o.len() % d == 0), "attend_block: own keys are not [J, {d}]");
     SCORES.with(|buf| {
         let mut buf = buf.borrow_mut();
         if buf.len() < rows * u {
