@@ -35,7 +35,7 @@ impl Linear {
         quantize_input: bool,
     ) -> Result<Self, ModelError> {
         let w = ckpt.linear(name, rows, cols)?;
-        if quantize_input && w.is_quantized() && cols % ACT_BLOCK != 0 {
+        if quantize_input && w.is_quantized() && !cols.is_multiple_of(ACT_BLOCK) {
             return Err(ModelError::Checkpoint(format!(
                 "tensor {name}: {} input width {cols} is not a multiple of {ACT_BLOCK} (FP8 activation blocks)",
                 w.format().name()
