@@ -142,11 +142,7 @@ pub fn matmul_rows(x: &[f32], m: usize, w: &WeightMatrix, rows: Range<usize>) ->
             gemv::gemv_transposed(x, m, w, rows.clone(), target);
         }
         if m > 1 {
-            for (j, col) in out_t.chunks_exact(m).enumerate() {
-                for (i, v) in col.iter().enumerate() {
-                    out[i * n + j] = *v;
-                }
-            }
+            scatter_transposed(&out_t, m, n, 0, &mut out);
         }
         return out;
     }
@@ -193,13 +189,19 @@ pub fn matmul_many(jobs: &[MatmulJob<'_>]) -> Vec<Vec<f32>> {
     let mut results: Vec<Vec<f32>> = jobs.iter().map(|j| vec![0.0f32; j.m * j.w.rows]).collect();
     for ((ji, rows), out_t) in tasks.iter().zip(outputs) {
         let (m, n) = (jobs[*ji].m, jobs[*ji].w.rows);
-        for (r, vals) in rows.clone().zip(out_t.chunks_exact(m)) {
-            for (i, v) in vals.iter().enumerate() {
-                results[*ji][i * n + r] = *v;
-            }
-        }
+        scatter_transposed(&out_t, m, n, rows.start, &mut results[*ji]);
     }
     results
+}
+
+/// Writes `out_t` (`[rows, m]`, the GEMV kernels' layout) into columns `col0..` of `out`
+/// (`[m, n]`).
+fn scatter_transposed(out_t: &[f32], m: usize, n: usize, col0: usize, out: &mut [f32]) {
+    for (j, vals) in out_t.chunks_exact(m).enumerate() {
+        for (i, v) in vals.iter().enumerate() {
+            out[i * n + col0 + j] = *v;
+        }
+    }
 }
 
 /// Large batches: jobs that share an input (same slice, same width) run as one stacked GEMM.
