@@ -138,6 +138,20 @@ impl ExpertStore {
         self.sim
     }
 
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Blocks of the model (main layers + MTP); valid layer ids are `0..n_blocks`.
+    pub fn n_blocks(&self) -> usize {
+        self.n_blocks
+    }
+
+    /// Routed experts per layer in the model (not only those held).
+    pub fn n_experts(&self) -> usize {
+        self.n_experts
+    }
+
     pub fn holds(&self, layer: usize, expert: usize) -> bool {
         self.experts.contains_key(&(layer, expert))
     }

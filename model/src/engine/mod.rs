@@ -3,10 +3,12 @@
 mod block;
 pub mod experts;
 mod model;
+pub mod sampling;
 mod state;
 mod teacher;
 
 pub use experts::{ExpertBackend, ExpertSelection, ExpertStore, LocalExperts, NO_EXPERT};
+pub use sampling::{Sampled, Sampler, SamplingParams};
 pub use model::{LoadOptions, LogitRows, Model, MtpStep, Step, StepOutput};
 pub use state::{SequenceState, state_bytes, state_bytes_per_token};
 pub use teacher::teacher_forced_logits;

@@ -24,6 +24,13 @@ enum Command {
     /// Inspect, create and run model checkpoints.
     #[command(subcommand)]
     Model(commands::model::ModelCommand),
+    /// The whole cluster in one process (expert workers + attention worker over loopback gRPC),
+    /// answering one request.
+    Local(commands::local::LocalArgs),
+    /// Serve a shard of the routed experts.
+    Expert(commands::expert::ExpertArgs),
+    /// Serve the engine (attention, scheduler, sampling), reaching experts through the registry.
+    Attention(commands::attention::AttentionArgs),
     /// Greedy-generate from a prompt of token ids with the in-process engine.
     Generate(commands::generate::GenerateArgs),
     /// Throughput and memory-bandwidth benchmarks (ratios against baselines measured in the same run).
@@ -33,23 +40,31 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let threads = cli.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let pool =
-        match rayon::ThreadPoolBuilder::new().num_threads(threads).thread_name(|i| format!("compute-{i}")).build() {
-            Ok(pool) => pool,
-            Err(e) => {
-                eprintln!("error: cannot start {threads} compute threads: {e}");
-                std::process::exit(2);
-            }
-        };
-    // The command runs on a compute thread: the model's parallel kernels then split work with
-    // the pool's other threads directly instead of waking them from a foreign thread each time.
-    let result = pool.install(|| match cli.command {
-        Command::Model(cmd) => commands::model::run(cmd),
-        Command::Generate(args) => commands::generate::run(args),
-        Command::Bench(args) => bench::run(args),
-    });
+    if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(threads).thread_name(|i| format!("compute-{i}")).build_global()
+    {
+        eprintln!("error: cannot start {threads} compute threads: {e}");
+        std::process::exit(2);
+    }
+    let result = match cli.command {
+        Command::Model(cmd) => on_compute_pool(move || commands::model::run(cmd)),
+        Command::Generate(args) => on_compute_pool(move || commands::generate::run(args)),
+        Command::Bench(args) => on_compute_pool(move || bench::run(args)),
+        Command::Local(args) => commands::local::run(args),
+        Command::Expert(args) => commands::expert::run(args),
+        Command::Attention(args) => commands::attention::run(args),
+    };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// Runs a one-shot command on a compute thread: the model's parallel kernels then split work with
+/// the pool's other threads directly instead of waking them from a foreign thread each time.
+fn on_compute_pool<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    rayon::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv().expect("the command panicked")
 }

@@ -1,4 +1,8 @@
+pub mod attention;
+pub mod cluster;
+pub mod expert;
 pub mod generate;
+pub mod local;
 pub mod model;
 
 use anyhow::{Context, Result, bail};

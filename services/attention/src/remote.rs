@@ -1,0 +1,302 @@
+//! The remote expert backend: at each MoE layer, groups the batch's routing slots by the shard
+//! chosen for each expert, sends each shard one call holding only the tokens it serves (one copy
+//! of a token per shard, not per expert), waits for all calls concurrently, and sums the partial
+//! results. A shard that fails is excluded and its tokens are retried on another replica before
+//! the step fails.
+//!
+//! `forward` is called on a compute thread (inside the model's layer loop); the calls run on the
+//! process's tokio runtime, which this thread only blocks on.
+
+use expertmesh_model::ExpertError;
+use expertmesh_model::engine::{ExpertBackend, NO_EXPERT};
+use expertmesh_model::layers::router::Routes;
+use expertmesh_proto::v1::ForwardRequest;
+use expertmesh_proto::v1::expert_service_client::ExpertServiceClient;
+use expertmesh_runtime::registry::{RegistryView, Topology};
+use expertmesh_runtime::wire::{self, WireDType};
+use prost::Message;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tonic::Code;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::placement::{Placement, distance};
+
+/// Largest gRPC message either way (must match the expert workers' limit).
+const MAX_MESSAGE_BYTES: usize = 512 << 20;
+/// A failed shard is ranked last for this long (it may have been a blip).
+const SUSPECT_FOR: Duration = Duration::from_secs(3);
+
+#[derive(Clone, Debug)]
+pub struct RemoteOptions {
+    pub wire: WireDType,
+    /// Deadline of one shard call.
+    pub call_timeout: Duration,
+    /// This worker's place (replicas close to it are preferred).
+    pub topology: Topology,
+    pub n_blocks: usize,
+    pub n_experts: usize,
+    pub dim: usize,
+}
+
+/// Traffic and failover counters (for benchmarks and metrics).
+#[derive(Debug, Default)]
+pub struct RemoteStats {
+    pub calls: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
+    /// `dim × wire bytes` per (token, shard) pair each way: the ideal traffic of a dispatch that
+    /// sends one copy of a token to each shard it needs.
+    pub ideal_bytes: AtomicU64,
+    /// (token, layer) pairs dispatched.
+    pub token_layers: AtomicU64,
+    pub retries: AtomicU64,
+}
+
+pub struct RemoteExperts {
+    rt: tokio::runtime::Handle,
+    opts: RemoteOptions,
+    view: watch::Receiver<Arc<RegistryView>>,
+    placement: Mutex<(Option<Arc<RegistryView>>, Arc<Placement>)>,
+    clients: Mutex<HashMap<String, ExpertServiceClient<Channel>>>,
+    suspects: Mutex<HashMap<String, Instant>>,
+    rotation: AtomicU64,
+    pub stats: Arc<RemoteStats>,
+}
+
+/// What one shard gets in one attempt.
+struct ShardCall {
+    shard: usize,
+    /// Batch token indices, ascending (row i of the call is token `tokens[i]`).
+    tokens: Vec<usize>,
+    /// Routing slots (indices into `routes.experts`) it serves.
+    slots: Vec<usize>,
+}
+
+impl RemoteExperts {
+    pub fn new(rt: tokio::runtime::Handle, view: watch::Receiver<Arc<RegistryView>>, opts: RemoteOptions) -> Self {
+        RemoteExperts {
+            rt,
+            opts,
+            view,
+            placement: Mutex::new((None, Arc::new(Placement::default()))),
+            clients: Mutex::new(HashMap::new()),
+            suspects: Mutex::new(HashMap::new()),
+            rotation: AtomicU64::new(0),
+            stats: Arc::new(RemoteStats::default()),
+        }
+    }
+
+    /// The placement for the registry's current view (recomputed when the view changes).
+    pub fn placement(&self) -> Arc<Placement> {
+        let view = self.view.borrow().clone();
+        let mut cached = self.placement.lock().unwrap();
+        if cached.0.as_ref().is_none_or(|v| !Arc::ptr_eq(v, &view)) {
+            let p = Placement::from_view(&view, self.opts.n_blocks, self.opts.n_experts);
+            *cached = (Some(view), Arc::new(p));
+        }
+        cached.1.clone()
+    }
+
+    fn client(&self, endpoint: &str) -> Result<ExpertServiceClient<Channel>, String> {
+        let mut clients = self.clients.lock().unwrap();
+        if let Some(c) = clients.get(endpoint) {
+            return Ok(c.clone());
+        }
+        // Channels spawn their connection task on the runtime; this runs on a compute thread.
+        let _runtime = self.rt.enter();
+        let channel = Endpoint::from_shared(endpoint.to_string())
+            .map_err(|e| format!("bad endpoint {endpoint:?}: {e}"))?
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(1))
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .connect_lazy();
+        let client = ExpertServiceClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        clients.insert(endpoint.to_string(), client.clone());
+        Ok(client)
+    }
+
+    /// Assigns each pending slot to a replica: never one that failed in this call; live before
+    /// suspect; near before far; then by the call's rotation.
+    fn plan(
+        &self,
+        placement: &Placement,
+        layer: usize,
+        routes: &Routes,
+        pending: &[usize],
+        failed: &[bool],
+        rotation: usize,
+    ) -> Result<Vec<ShardCall>, ExpertError> {
+        let n = placement.shards.len().max(1);
+        let now = Instant::now();
+        let suspects = self.suspects.lock().unwrap();
+        let rank: Vec<(bool, u8, usize)> = placement
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let suspect = suspects.get(&s.id).is_some_and(|t| now < *t);
+                (suspect, distance(&self.opts.topology, &s.topology), (i + n - rotation % n) % n)
+            })
+            .collect();
+        drop(suspects);
+        let mut by_shard: BTreeMap<usize, ShardCall> = BTreeMap::new();
+        for &slot in pending {
+            let e = routes.experts[slot] as usize;
+            let replicas = placement.replicas(layer, e);
+            let Some(&shard) = replicas.iter().filter(|&&s| !failed[s]).min_by_key(|&&s| rank[s]) else {
+                let reason = if replicas.is_empty() {
+                    "no registered expert worker holds it".to_string()
+                } else {
+                    format!("all {} replicas failed", replicas.len())
+                };
+                return Err(ExpertError::Unavailable { layer, expert: e, reason });
+            };
+            let call =
+                by_shard.entry(shard).or_insert_with(|| ShardCall { shard, tokens: Vec::new(), slots: Vec::new() });
+            let t = slot / routes.k;
+            if call.tokens.last() != Some(&t) {
+                call.tokens.push(t);
+            }
+            call.slots.push(slot);
+        }
+        Ok(by_shard.into_values().collect())
+    }
+
+    fn request(&self, layer: usize, hidden: &[f32], routes: &Routes, call: &ShardCall) -> ForwardRequest {
+        let (d, k) = (self.opts.dim, routes.k);
+        let mut rows = Vec::with_capacity(call.tokens.len() * d);
+        let mut expert_ids = vec![NO_EXPERT; call.tokens.len() * k];
+        let mut weights = vec![0.0f32; call.tokens.len() * k];
+        let mut row_of = HashMap::with_capacity(call.tokens.len());
+        for (i, &t) in call.tokens.iter().enumerate() {
+            rows.extend_from_slice(&hidden[t * d..(t + 1) * d]);
+            row_of.insert(t, i);
+        }
+        for &slot in &call.slots {
+            let (t, j) = (slot / k, slot % k);
+            expert_ids[row_of[&t] * k + j] = routes.experts[slot];
+            weights[row_of[&t] * k + j] = routes.weights[slot];
+        }
+        ForwardRequest {
+            call_id: 0,
+            layer: layer as u32,
+            hidden: Some(wire::encode(&rows, call.tokens.len(), d, self.opts.wire)),
+            expert_ids,
+            weights,
+            experts_per_token: k as u32,
+            output_dtype: self.opts.wire.to_proto() as i32,
+        }
+    }
+}
+
+/// How a shard call ended.
+enum Outcome {
+    Done(Vec<f32>),
+    /// Worth retrying on another replica (transport failure, shard gone or not holding).
+    Failover(String),
+    /// The request itself was wrong: retrying cannot help.
+    Fatal(ExpertError),
+}
+
+impl ExpertBackend for RemoteExperts {
+    fn forward(&self, layer: usize, hidden: &[f32], routes: &Routes) -> Result<Vec<f32>, ExpertError> {
+        let d = self.opts.dim;
+        let placement = self.placement();
+        let rotation = self.rotation.fetch_add(1, Ordering::Relaxed) as usize;
+        let mut out = vec![0.0f32; routes.tokens() * d];
+        let mut failed = vec![false; placement.shards.len()];
+        let mut pending: Vec<usize> = (0..routes.experts.len()).filter(|&s| routes.experts[s] != NO_EXPERT).collect();
+        let stats = &self.stats;
+        stats.token_layers.fetch_add(routes.tokens() as u64, Ordering::Relaxed);
+        while !pending.is_empty() {
+            pending.sort_unstable();
+            let calls = self.plan(&placement, layer, routes, &pending, &failed, rotation)?;
+            let mut requests = Vec::with_capacity(calls.len());
+            for c in &calls {
+                let req = self.request(layer, hidden, routes, c);
+                stats.bytes_sent.fetch_add(req.encoded_len() as u64, Ordering::Relaxed);
+                let ideal = 2 * c.tokens.len() * d * self.opts.wire.bytes();
+                stats.ideal_bytes.fetch_add(ideal as u64, Ordering::Relaxed);
+                let shard = &placement.shards[c.shard];
+                requests.push((self.client(&shard.endpoint), req, c.tokens.len()));
+            }
+            stats.calls.fetch_add(calls.len() as u64, Ordering::Relaxed);
+            let timeout = self.opts.call_timeout;
+            let received = stats.clone();
+            let outcomes: Vec<Outcome> = self.rt.block_on(async move {
+                let handles: Vec<_> = requests
+                    .into_iter()
+                    .map(|(client, req, rows)| {
+                        let received = received.clone();
+                        tokio::spawn(async move { call_shard(client, req, rows, d, timeout, &received).await })
+                    })
+                    .collect();
+                let mut outcomes = Vec::with_capacity(handles.len());
+                for h in handles {
+                    outcomes.push(h.await.unwrap_or_else(|e| Outcome::Failover(format!("call task: {e}"))));
+                }
+                outcomes
+            });
+            pending.clear();
+            // Sum in shard order (not completion order), so results do not depend on timing.
+            for (c, outcome) in calls.iter().zip(outcomes) {
+                match outcome {
+                    Outcome::Done(y) => {
+                        for (i, &t) in c.tokens.iter().enumerate() {
+                            out[t * d..(t + 1) * d].iter_mut().zip(&y[i * d..(i + 1) * d]).for_each(|(o, v)| *o += v);
+                        }
+                    }
+                    Outcome::Failover(why) => {
+                        let shard = &placement.shards[c.shard];
+                        tracing::warn!(shard = %shard.id, layer, reason = %why, "expert call failed; retrying on another replica");
+                        failed[c.shard] = true;
+                        self.suspects.lock().unwrap().insert(shard.id.clone(), Instant::now() + SUSPECT_FOR);
+                        stats.retries.fetch_add(1, Ordering::Relaxed);
+                        pending.extend_from_slice(&c.slots);
+                    }
+                    Outcome::Fatal(e) => return Err(e),
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+async fn call_shard(
+    mut client: Result<ExpertServiceClient<Channel>, String>,
+    req: ForwardRequest,
+    rows: usize,
+    dim: usize,
+    timeout: Duration,
+    stats: &RemoteStats,
+) -> Outcome {
+    let client = match client.as_mut() {
+        Ok(c) => c,
+        Err(e) => return Outcome::Failover(e.clone()),
+    };
+    let reply = match tokio::time::timeout(timeout, client.forward(req)).await {
+        Err(_) => return Outcome::Failover(format!("no reply within {timeout:?}")),
+        Ok(Err(status)) => {
+            return match status.code() {
+                Code::InvalidArgument | Code::OutOfRange => {
+                    Outcome::Fatal(ExpertError::InvalidRequest(status.message().to_string()))
+                }
+                _ => Outcome::Failover(format!("{:?}: {}", status.code(), status.message())),
+            };
+        }
+        Ok(Ok(r)) => r.into_inner(),
+    };
+    stats.bytes_received.fetch_add(reply.encoded_len() as u64, Ordering::Relaxed);
+    match wire::decode(reply.output.as_ref(), dim, "output") {
+        Ok(m) if m.rows == rows => Outcome::Done(m.values),
+        Ok(m) => Outcome::Fatal(ExpertError::InvalidResponse(format!("{} rows for {rows} tokens", m.rows))),
+        Err(e) => Outcome::Fatal(ExpertError::InvalidResponse(e.to_string())),
+    }
+}

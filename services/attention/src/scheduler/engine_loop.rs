@@ -1,0 +1,242 @@
+//! The engine thread's loop: take messages, admit, run one step over every running sequence,
+//! sample, emit, retire. Between steps sequences join and leave (continuous batching).
+
+use expertmesh_model::engine::{ExpertBackend, LogitRows, Model, Step};
+use expertmesh_model::{ExpertError, ModelError};
+use expertmesh_runtime::ServiceError;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+
+use super::sequence::{Sequence, Submission};
+use super::{EngineEvent, EngineOptions, EngineStats, FinishReason, Msg};
+
+pub struct EngineLoop {
+    model: Arc<Model>,
+    experts: Arc<dyn ExpertBackend>,
+    opts: EngineOptions,
+    stats: Arc<EngineStats>,
+    waiting: VecDeque<Submission>,
+    running: Vec<Sequence>,
+    kv_used: u64,
+}
+
+/// The one mapping from the model's errors to the services' error.
+pub fn service_error(e: ModelError) -> ServiceError {
+    match e {
+        ModelError::Expert(ExpertError::Unavailable { .. }) => ServiceError::Unavailable(e.to_string()),
+        ModelError::Expert(ExpertError::NotHeld { .. }) => ServiceError::Unavailable(e.to_string()),
+        ModelError::InvalidInput(m) => ServiceError::invalid("prompt_tokens", m),
+        other => ServiceError::Internal(other.to_string()),
+    }
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_default()
+}
+
+impl EngineLoop {
+    pub fn new(model: Arc<Model>, experts: Arc<dyn ExpertBackend>, opts: EngineOptions, stats: Arc<EngineStats>) -> Self {
+        EngineLoop { model, experts, opts, stats, waiting: VecDeque::new(), running: Vec::new(), kv_used: 0 }
+    }
+
+    pub fn run(mut self, rx: mpsc::Receiver<Msg>) {
+        loop {
+            if self.running.is_empty() && self.waiting.is_empty() {
+                let keep_going = rx.recv().is_ok_and(|m| self.handle(m));
+                if !keep_going {
+                    return self.stop_all();
+                }
+            }
+            while let Ok(m) = rx.try_recv() {
+                if !self.handle(m) {
+                    return self.stop_all();
+                }
+            }
+            self.drop_departed();
+            self.admit();
+            if !self.running.is_empty() {
+                self.step();
+            }
+            self.publish();
+        }
+    }
+
+    /// False on `Stop`.
+    fn handle(&mut self, m: Msg) -> bool {
+        match m {
+            Msg::Submit(sub) => self.waiting.push_back(*sub),
+            Msg::Cancel(id) => {
+                if let Some(i) = self.waiting.iter().position(|s| s.params.id == id) {
+                    let sub = self.waiting.remove(i).unwrap();
+                    let _ = sub.events.send(EngineEvent::Finished {
+                        reason: FinishReason::Cancelled,
+                        prompt_tokens: sub.params.prompt.len(),
+                        completion_tokens: 0,
+                    });
+                }
+                if let Some(i) = self.running.iter().position(|s| s.id() == id) {
+                    let seq = self.running.swap_remove(i);
+                    seq.finish(FinishReason::Cancelled);
+                    self.kv_used -= seq.sub.state_bytes;
+                }
+            }
+            Msg::Stop => return false,
+        }
+        true
+    }
+
+    fn stop_all(&mut self) {
+        let gone = ServiceError::Unavailable("engine shutting down".into());
+        for s in self.waiting.drain(..) {
+            let _ = s.events.send(EngineEvent::Failed(gone.clone()));
+        }
+        for s in self.running.drain(..) {
+            s.send(EngineEvent::Failed(gone.clone()));
+        }
+        self.kv_used = 0;
+        self.publish();
+    }
+
+    /// Callers that went away cancel their work.
+    fn drop_departed(&mut self) {
+        self.waiting.retain(|s| !s.events.is_closed());
+        let mut freed = 0;
+        self.running.retain(|s| {
+            let gone = s.sub.events.is_closed();
+            if gone {
+                freed += s.sub.state_bytes;
+            }
+            !gone
+        });
+        self.kv_used -= freed;
+    }
+
+    fn admit(&mut self) {
+        while let Some(front) = self.waiting.front() {
+            if self.running.len() >= self.opts.max_running || self.kv_used + front.state_bytes > self.opts.kv_budget_bytes
+            {
+                break;
+            }
+            let sub = self.waiting.pop_front().unwrap();
+            let queued = sub.submitted.elapsed().as_secs_f64();
+            let seq = Sequence::new(sub, self.model.new_sequence());
+            if seq.send(EngineEvent::Admitted { queue_seconds: queued }) {
+                self.kv_used += seq.sub.state_bytes;
+                self.running.push(seq);
+            }
+        }
+    }
+
+    /// One forward pass over every running sequence (prefill chunks within the budget).
+    fn step(&mut self) {
+        let mut budget = self.opts.prefill_chunk;
+        // (index into running, tokens of this step, completes the prompt)
+        let mut plan: Vec<(usize, Vec<u32>, bool)> = Vec::with_capacity(self.running.len());
+        for (i, s) in self.running.iter().enumerate() {
+            let prompt = &s.sub.params.prompt;
+            if s.prefilling() {
+                let take = budget.min(prompt.len() - s.prefilled);
+                if take > 0 {
+                    budget -= take;
+                    let done = s.prefilled + take == prompt.len();
+                    plan.push((i, prompt[s.prefilled..s.prefilled + take].to_vec(), done));
+                }
+            } else {
+                plan.push((i, vec![*s.generated.last().expect("decoding sequences have a token")], true));
+            }
+        }
+        let mut in_step = vec![false; self.running.len()];
+        plan.iter().for_each(|(i, _, _)| in_step[*i] = true);
+        let result = {
+            let mut steps: Vec<Step<'_>> = Vec::with_capacity(plan.len());
+            let mut plan_iter = plan.iter().peekable();
+            for (i, s) in self.running.iter_mut().enumerate() {
+                if let Some((_, tokens, logits)) = plan_iter.next_if(|(j, _, _)| *j == i) {
+                    let mut step = Step::new(&mut s.state, tokens);
+                    step.logits = if *logits { LogitRows::Last } else { LogitRows::None };
+                    steps.push(step);
+                }
+            }
+            // A bug in one step must fail that step's requests, not the engine thread.
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.model.forward(&mut steps, &*self.experts))) {
+                Ok(r) => r.map_err(service_error),
+                Err(p) => Err(ServiceError::Internal(format!("engine step panicked: {}", panic_message(&*p)))),
+            }
+        };
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        let outputs = match result {
+            Ok(o) => o,
+            Err(err) => {
+                // Every sequence in the step has an inconsistent state now: fail them all.
+                tracing::warn!(error = %err, sequences = plan.len(), "engine step failed");
+                let mut k = 0;
+                let mut freed = 0;
+                self.running.retain(|s| {
+                    let hit = in_step[k];
+                    k += 1;
+                    if hit {
+                        s.send(EngineEvent::Failed(err.clone()));
+                        freed += s.sub.state_bytes;
+                    }
+                    !hit
+                });
+                self.kv_used -= freed;
+                return;
+            }
+        };
+        let max_context = self.model.config().max_position_embeddings;
+        let mut done = vec![false; self.running.len()];
+        for ((i, tokens, _), out) in plan.iter().zip(outputs) {
+            let s = &mut self.running[*i];
+            if s.prefilling() {
+                s.prefilled += tokens.len();
+                self.stats.prompt_tokens.fetch_add(tokens.len() as u64, Ordering::Relaxed);
+            }
+            if out.rows == 0 {
+                continue;
+            }
+            let sampled = s.sampler.sample(&out.logits);
+            s.generated.push(sampled.token);
+            self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+            let event = EngineEvent::Token {
+                token: sampled.token,
+                index: s.generated.len() - 1,
+                logprob: s.sub.params.logprobs.then_some(sampled.logprob),
+            };
+            if !s.send(event) {
+                done[*i] = true;
+                continue;
+            }
+            let reason = if s.sub.params.stop_tokens.contains(&sampled.token) {
+                Some(FinishReason::Stop)
+            } else if s.generated.len() >= s.sub.params.max_tokens || s.state.position() >= max_context {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            if let Some(r) = reason {
+                s.finish(r);
+                done[*i] = true;
+            }
+        }
+        let mut k = 0;
+        let mut freed = 0;
+        self.running.retain(|s| {
+            let d = done[k];
+            k += 1;
+            if d {
+                freed += s.sub.state_bytes;
+            }
+            !d
+        });
+        self.kv_used -= freed;
+    }
+
+    fn publish(&self) {
+        self.stats.running.store(self.running.len() as u64, Ordering::Relaxed);
+        self.stats.waiting.store(self.waiting.len() as u64, Ordering::Relaxed);
+        self.stats.kv_bytes_used.store(self.kv_used, Ordering::Relaxed);
+    }
+}

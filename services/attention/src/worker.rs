@@ -1,0 +1,116 @@
+//! Starting and stopping an attention worker: listen, serve the engine service, announce the
+//! worker with its load (refreshed while it runs), and on shutdown go not-ready, withdraw, let
+//! running sequences finish within the drain deadline, then stop.
+
+use expertmesh_proto::v1::engine_service_server::EngineServiceServer;
+use expertmesh_runtime::ServiceError;
+use expertmesh_runtime::registry::{Load, Registry, Role, Topology, WorkerRecord};
+use expertmesh_runtime::serve;
+use expertmesh_runtime::shutdown::Shutdown;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tracing::info;
+
+use crate::scheduler::Scheduler;
+use crate::service::EngineServiceImpl;
+
+pub struct AttentionWorkerOptions {
+    pub listen: String,
+    pub advertise: Option<String>,
+    pub id: Option<String>,
+    pub topology: Topology,
+    pub drain: Duration,
+    /// Bytes of attention-side weights (announced).
+    pub resident_bytes: u64,
+}
+
+pub struct RunningAttentionWorker {
+    pub id: String,
+    pub addr: SocketAddr,
+    pub endpoint: String,
+    pub shutdown: Shutdown,
+    pub task: JoinHandle<Result<(), ServiceError>>,
+}
+
+impl RunningAttentionWorker {
+    pub async fn stop(self) -> Result<(), ServiceError> {
+        self.shutdown.trigger();
+        self.task.await.map_err(|e| ServiceError::Internal(format!("attention worker task: {e}")))?
+    }
+}
+
+pub async fn start(
+    scheduler: Arc<Scheduler>,
+    opts: AttentionWorkerOptions,
+    registry: Arc<dyn Registry>,
+    shutdown: Shutdown,
+) -> Result<RunningAttentionWorker, ServiceError> {
+    let listener = serve::bind(&opts.listen)?;
+    let addr = listener.addr;
+    let endpoint = serve::advertised_endpoint(addr, opts.advertise.as_deref());
+    let id = opts.id.clone().unwrap_or_else(|| format!("attention-{}", addr.port()));
+    let service = EngineServiceImpl::new(scheduler.clone(), id.clone());
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<EngineServiceServer<EngineServiceImpl>>().await;
+    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(EngineServiceServer::new(service))
+            .serve_with_incoming_shutdown(listener.incoming, async move {
+                let _ = drain_rx.await;
+            }),
+    );
+    let template = WorkerRecord {
+        id: id.clone(),
+        role: Role::Attention,
+        endpoint: endpoint.clone(),
+        topology: opts.topology.clone(),
+        experts: None,
+        resident_bytes: opts.resident_bytes,
+        load: Load::default(),
+    };
+    let record = move |load: Load| WorkerRecord { load, ..template.clone() };
+    let capacity = scheduler.options().max_running as u32;
+    let load = move |s: &Scheduler| {
+        let (running, waiting) = s.load();
+        Load { running: running as u32, waiting: waiting as u32, capacity }
+    };
+    registry.announce(record(load(&scheduler))).await?;
+    info!(%id, %endpoint, "attention worker serving");
+
+    let task_id = id.clone();
+    let drain = opts.drain;
+    let stopping = shutdown.clone();
+    let task = tokio::spawn(async move {
+        // Refresh the announced load while serving (the gateway routes by it).
+        let mut last = load(&scheduler);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = stopping.wait() => break,
+                _ = tick.tick() => {
+                    let now = load(&scheduler);
+                    if now != last {
+                        let _ = registry.announce(record(now.clone())).await;
+                        last = now;
+                    }
+                }
+            }
+        }
+        health.set_not_serving::<EngineServiceServer<EngineServiceImpl>>().await;
+        let withdrawn = registry.withdraw(&task_id).await;
+        // Let admitted and queued sequences finish, up to the deadline.
+        let deadline = tokio::time::Instant::now() + drain;
+        while scheduler.load() != (0, 0) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = drain_tx.send(());
+        let _ = tokio::time::timeout_at(deadline + Duration::from_millis(200), server).await;
+        info!(id = %task_id, "attention worker stopped");
+        withdrawn
+    });
+    Ok(RunningAttentionWorker { id, addr, endpoint, shutdown, task })
+}

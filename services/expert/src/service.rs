@@ -1,0 +1,114 @@
+//! `expertmesh.v1.ExpertService` over an [`ExpertStore`].
+
+use expertmesh_model::engine::ExpertStore;
+use expertmesh_proto::v1::expert_service_server::ExpertService;
+use expertmesh_proto::v1::{CallError, ForwardRequest, ForwardResponse, ShardInfo, ShardInfoRequest};
+use expertmesh_runtime::ServiceError;
+use expertmesh_runtime::wire;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::request::ForwardCall;
+
+#[derive(Clone)]
+pub struct ExpertServiceImpl {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<ExpertStore>,
+    worker_id: String,
+    max_tokens: usize,
+    calls: AtomicU64,
+    tokens: AtomicU64,
+}
+
+impl ExpertServiceImpl {
+    pub fn new(store: Arc<ExpertStore>, worker_id: String, max_tokens: usize) -> Self {
+        ExpertServiceImpl {
+            inner: Arc::new(Inner { store, worker_id, max_tokens, calls: AtomicU64::new(0), tokens: AtomicU64::new(0) }),
+        }
+    }
+
+    /// Calls and tokens served so far.
+    pub fn served(&self) -> (u64, u64) {
+        (self.inner.calls.load(Ordering::Relaxed), self.inner.tokens.load(Ordering::Relaxed))
+    }
+
+    async fn call(&self, r: ForwardRequest) -> Result<ForwardResponse, ServiceError> {
+        let inner = &self.inner;
+        let call_id = r.call_id;
+        let call = ForwardCall::parse(r, &inner.store, &inner.worker_id, inner.max_tokens)?;
+        let (tx, rx) = oneshot::channel();
+        let store = inner.store.clone();
+        let (layer, tokens, dtype) = (call.layer, call.tokens, call.output_dtype);
+        // The math runs on the compute pool; this task only waits.
+        rayon::spawn(move || {
+            let _ = tx.send(store.compute(call.layer, &call.hidden, &call.routes));
+        });
+        let out = rx
+            .await
+            .map_err(|_| ServiceError::Internal("compute task ended without a result".into()))?
+            .map_err(|e| ServiceError::Internal(format!("layer {layer}: {e}")))?;
+        inner.calls.fetch_add(1, Ordering::Relaxed);
+        inner.tokens.fetch_add(tokens as u64, Ordering::Relaxed);
+        Ok(ForwardResponse { call_id, output: Some(wire::encode(&out, tokens, inner.store.dim(), dtype)), error: None })
+    }
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<ForwardResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ExpertService for ExpertServiceImpl {
+    async fn forward(&self, request: Request<ForwardRequest>) -> Result<Response<ForwardResponse>, Status> {
+        Ok(Response::new(self.call(request.into_inner()).await?))
+    }
+
+    type ForwardStreamStream = ResponseStream;
+
+    /// Each call on the stream runs as soon as it arrives; replies come back as they finish,
+    /// matched by `call_id`. A bad call fails only its own reply.
+    async fn forward_stream(
+        &self,
+        request: Request<Streaming<ForwardRequest>>,
+    ) -> Result<Response<Self::ForwardStreamStream>, Status> {
+        let mut incoming = request.into_inner();
+        let (tx, rx) = mpsc::channel(64);
+        let this = self.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = incoming.next().await {
+                let Ok(r) = msg else { break };
+                let (this, tx) = (this.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let call_id = r.call_id;
+                    let reply = this.call(r).await.unwrap_or_else(|e| ForwardResponse {
+                        call_id,
+                        output: None,
+                        error: Some(CallError { code: e.code() as i32, message: e.to_string() }),
+                    });
+                    let _ = tx.send(Ok(reply)).await;
+                });
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn get_shard_info(&self, _: Request<ShardInfoRequest>) -> Result<Response<ShardInfo>, Status> {
+        let s = &self.inner.store;
+        let (layers, experts) = s.held().map(|(l, e)| (l as u32, e as u32)).unzip();
+        Ok(Response::new(ShardInfo {
+            worker_id: self.inner.worker_id.clone(),
+            dim: s.dim() as u32,
+            n_blocks: s.n_blocks() as u32,
+            n_routed_experts: s.n_experts() as u32,
+            layers,
+            experts,
+            resident_bytes: s.resident_bytes() as u64,
+        }))
+    }
+}

@@ -1,0 +1,111 @@
+//! `expertmesh attention`: serve the engine, reaching the expert workers found in the registry.
+
+use anyhow::Result;
+use clap::Args;
+use expertmesh_attention::worker::AttentionWorkerOptions;
+use expertmesh_attention::{EngineOptions, RemoteExperts, RemoteOptions, Scheduler};
+use expertmesh_model::engine::{LoadOptions, Model};
+use expertmesh_runtime::registry::{Registry, Topology};
+use expertmesh_runtime::shutdown::Shutdown;
+use expertmesh_runtime::wire::WireDType;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::ModelSource;
+use super::cluster::{RegistryArgs, ServeArgs, init_logging, runtime};
+
+#[derive(Args, Clone, Debug)]
+pub struct EngineArgs {
+    /// Element type of activations sent to expert workers (bf16 halves the bytes).
+    #[arg(long, env = "EXPERTMESH_WIRE_DTYPE", default_value = "bf16")]
+    pub wire_dtype: WireDType,
+    /// Deadline of one expert call, milliseconds (then the tokens go to another replica).
+    #[arg(long, env = "EXPERTMESH_EXPERT_TIMEOUT_MS", default_value_t = 5000)]
+    pub expert_timeout_ms: u64,
+    /// Sequences decoded together at most.
+    #[arg(long, env = "EXPERTMESH_MAX_RUNNING", default_value_t = 256)]
+    pub max_running: usize,
+    /// Prompt tokens prefilled per step across sequences.
+    #[arg(long, env = "EXPERTMESH_PREFILL_CHUNK", default_value_t = 2048)]
+    pub prefill_chunk: usize,
+    /// Memory for sequence state (KV caches), MiB.
+    #[arg(long, env = "EXPERTMESH_KV_BUDGET_MIB", default_value_t = 4096)]
+    pub kv_budget_mib: u64,
+    /// Requests queued for admission at most.
+    #[arg(long, env = "EXPERTMESH_MAX_WAITING", default_value_t = 4096)]
+    pub max_waiting: usize,
+}
+
+impl EngineArgs {
+    pub fn engine_options(&self) -> EngineOptions {
+        EngineOptions {
+            max_running: self.max_running.max(1),
+            prefill_chunk: self.prefill_chunk.max(1),
+            kv_budget_bytes: self.kv_budget_mib << 20,
+            max_waiting: self.max_waiting,
+        }
+    }
+
+    /// The engine over remote experts found through `registry`.
+    pub fn scheduler(
+        &self,
+        model: Model,
+        registry: &dyn Registry,
+        topology: Topology,
+        rt: tokio::runtime::Handle,
+    ) -> (Arc<Scheduler>, Arc<RemoteExperts>) {
+        let cfg = model.config();
+        let opts = RemoteOptions {
+            wire: self.wire_dtype,
+            call_timeout: Duration::from_millis(self.expert_timeout_ms),
+            topology,
+            n_blocks: cfg.n_blocks(),
+            n_experts: cfg.n_routed_experts,
+            dim: cfg.dim,
+        };
+        let remote = Arc::new(RemoteExperts::new(rt, registry.subscribe(), opts));
+        let scheduler = Arc::new(Scheduler::start(Arc::new(model), remote.clone(), self.engine_options()));
+        (scheduler, remote)
+    }
+}
+
+#[derive(Args)]
+pub struct AttentionArgs {
+    #[command(flatten)]
+    source: ModelSource,
+    #[command(flatten)]
+    engine: EngineArgs,
+    #[command(flatten)]
+    serve: ServeArgs,
+    #[command(flatten)]
+    registry: RegistryArgs,
+}
+
+pub fn run(a: AttentionArgs) -> Result<()> {
+    init_logging();
+    let ckpt = a.source.open()?;
+    let model = Model::load(&ckpt, LoadOptions { mtp: false, ..LoadOptions::default() })?;
+    drop(ckpt);
+    let resident_bytes = model.resident_bytes() as u64;
+    let rt = runtime()?;
+    rt.block_on(async {
+        let registry = a.registry.build()?;
+        let shutdown = Shutdown::new();
+        tokio::spawn(shutdown.clone().on_signals());
+        let (scheduler, _) =
+            a.engine.scheduler(model, registry.as_ref(), a.serve.topology(), tokio::runtime::Handle::current());
+        let opts = AttentionWorkerOptions {
+            listen: a.serve.listen.clone(),
+            advertise: a.serve.advertise.clone(),
+            id: a.serve.id.clone(),
+            topology: a.serve.topology(),
+            drain: a.serve.drain(),
+            resident_bytes,
+        };
+        let worker = expertmesh_attention::worker::start(scheduler, opts, registry.clone(), shutdown).await?;
+        println!("attention worker {} listening on {}", worker.id, worker.endpoint);
+        worker.task.await??;
+        registry.close().await;
+        Ok(())
+    })
+}

@@ -1,0 +1,158 @@
+//! `expertmesh local`: the whole cluster in one process — N expert workers and an attention
+//! worker talking real gRPC on loopback through the in-memory registry — answering one request
+//! given on the command line and printing tokens as they come.
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use expertmesh_attention::worker::AttentionWorkerOptions;
+use expertmesh_expert::{DEFAULT_MAX_TOKENS, ExpertWorkerOptions};
+use expertmesh_model::engine::{ExpertSelection, ExpertStore, LoadOptions, Model};
+use expertmesh_proto::v1::engine_service_client::EngineServiceClient;
+use expertmesh_proto::v1::generate_event::Event;
+use expertmesh_proto::v1::{GenerateRequest, SamplingParams};
+use expertmesh_runtime::registry::{MemoryRegistry, Registry, Role, Topology, wait_for};
+use expertmesh_runtime::shutdown::Shutdown;
+use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::attention::EngineArgs;
+use super::{ModelSource, parse_tokens};
+use super::cluster::{init_logging, runtime};
+
+#[derive(Args)]
+pub struct LocalArgs {
+    #[command(flatten)]
+    source: ModelSource,
+    /// Expert workers to start (the routed experts are split evenly between them).
+    #[arg(long, env = "EXPERTMESH_SHARDS", default_value_t = 4)]
+    shards: usize,
+    /// Prompt token ids, comma separated.
+    #[arg(long, default_value = "0,17,5,300,42")]
+    prompt_tokens: String,
+    #[arg(long, default_value_t = 32)]
+    max_tokens: u32,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+/// Splits `0..n` into `parts` contiguous ranges as even as possible.
+pub fn even_ranges(n: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
+    (0..parts).map(|i| i * n / parts..(i + 1) * n / parts).collect()
+}
+
+pub fn run(a: LocalArgs) -> Result<()> {
+    init_logging();
+    let prompt = parse_tokens(&a.prompt_tokens)?;
+    let ckpt = a.source.open()?;
+    let cfg = ckpt.config().clone();
+    if a.shards == 0 || a.shards > cfg.n_routed_experts {
+        bail!("--shards: {} is not in 1..={}", a.shards, cfg.n_routed_experts);
+    }
+    let opts = LoadOptions { mtp: false, ..LoadOptions::default() };
+    let model = Model::load(&ckpt, opts)?;
+    let stores = even_ranges(cfg.n_routed_experts, a.shards)
+        .into_iter()
+        .map(|r| Ok((r.clone(), Arc::new(ExpertStore::load(&ckpt, &ExpertSelection::experts(r), opts.sim)?))))
+        .collect::<Result<Vec<_>>>()?;
+    drop(ckpt);
+    let rt = runtime()?;
+    rt.block_on(async {
+        let registry: Arc<dyn Registry> = Arc::new(MemoryRegistry::new());
+        let shutdown = Shutdown::new();
+        let mut experts = Vec::new();
+        for (range, store) in stores {
+            let opts = ExpertWorkerOptions {
+                listen: "127.0.0.1:0".into(),
+                advertise: None,
+                id: None,
+                topology: Topology::default(),
+                selection: ExpertSelection::experts(range.clone()),
+                max_tokens: DEFAULT_MAX_TOKENS,
+                drain: Duration::from_secs(5),
+            };
+            let w = expertmesh_expert::start(store, opts, registry.clone(), shutdown.clone()).await?;
+            eprintln!("expert worker {} holds experts {range:?} at {}", w.id, w.endpoint);
+            experts.push(w);
+        }
+        let resident = model.resident_bytes() as u64;
+        let (scheduler, remote) =
+            a.engine.scheduler(model, registry.as_ref(), Topology::default(), tokio::runtime::Handle::current());
+        let attention_opts = AttentionWorkerOptions {
+            listen: "127.0.0.1:0".into(),
+            advertise: None,
+            id: None,
+            topology: Topology::default(),
+            drain: Duration::from_secs(5),
+            resident_bytes: resident,
+        };
+        let attention =
+            expertmesh_attention::worker::start(scheduler, attention_opts, registry.clone(), shutdown.clone()).await?;
+        let mut view = registry.subscribe();
+        let (ready, _) = wait_for(&mut view, Duration::from_secs(5), |v| v.of_role(Role::Expert).count() == a.shards).await;
+        if !ready {
+            bail!("expert workers did not register");
+        }
+        eprintln!("attention worker {} at {}", attention.id, attention.endpoint);
+
+        let mut client = EngineServiceClient::connect(attention.endpoint.clone()).await.context("connecting to the engine")?;
+        let request = GenerateRequest {
+            request_id: String::new(),
+            prompt_tokens: prompt.clone(),
+            sampling: Some(SamplingParams {
+                temperature: a.temperature,
+                max_tokens: a.max_tokens,
+                seed: a.seed,
+                stop_token_ids: vec![cfg.eos_token_id as u32],
+                ..Default::default()
+            }),
+        };
+        let start = Instant::now();
+        let mut stream = client.generate(request).await?.into_inner();
+        let mut stdout = std::io::stdout();
+        let (mut first, mut generated) = (None, 0usize);
+        while let Some(event) = stream.message().await? {
+            match event.event {
+                Some(Event::Token(t)) => {
+                    first.get_or_insert_with(|| start.elapsed());
+                    generated += 1;
+                    write!(stdout, "{} ", t.token_id)?;
+                    stdout.flush()?;
+                }
+                Some(Event::Finished(f)) => {
+                    writeln!(stdout)?;
+                    let total = start.elapsed();
+                    let first = first.unwrap_or(total);
+                    let decode = (total - first).as_secs_f64().max(1e-9);
+                    let s = &remote.stats;
+                    let per = |b: u64| b as f64 / s.token_layers.load(Ordering::Relaxed).max(1) as f64;
+                    eprintln!(
+                        "{} prompt + {} generated tokens (finish reason {:?}); first token after {:.3}s, then {:.1} tokens/s; \
+                         {:.0} bytes per token per MoE layer on the wire (ideal {:.0}), {} calls",
+                        f.prompt_tokens,
+                        generated,
+                        f.reason(),
+                        first.as_secs_f64(),
+                        generated.saturating_sub(1) as f64 / decode,
+                        per(s.bytes_sent.load(Ordering::Relaxed) + s.bytes_received.load(Ordering::Relaxed)),
+                        per(s.ideal_bytes.load(Ordering::Relaxed)),
+                        s.calls.load(Ordering::Relaxed),
+                    );
+                }
+                _ => {}
+            }
+        }
+        shutdown.trigger();
+        attention.task.await??;
+        for w in experts {
+            w.task.await??;
+        }
+        Ok(())
+    })
+}
