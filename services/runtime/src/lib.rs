@@ -6,6 +6,7 @@ pub mod error;
 pub mod registry;
 pub mod serve;
 pub mod shutdown;
+pub mod testkit;
 pub mod wire;
 
 pub use error::ServiceError;

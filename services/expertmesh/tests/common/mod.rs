@@ -1,0 +1,139 @@
+//! Shared by the cluster tests: worker processes of the real binary, the in-process reference
+//! model, and a gRPC client for the engine.
+#![allow(dead_code)]
+
+use expertmesh_model::checkpoint::{Checkpoint, InitDtype, in_memory};
+use expertmesh_model::engine::{ExpertSelection, ExpertStore, LoadOptions, Model, Step};
+use expertmesh_model::Preset;
+use expertmesh_proto::v1::engine_service_client::EngineServiceClient;
+use expertmesh_proto::v1::generate_event::Event;
+use expertmesh_proto::v1::{GenerateRequest, SamplingParams};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::Arc;
+use tonic::transport::Channel;
+
+/// Workers and the reference both generate this model (the same seed gives the same bytes).
+pub const SEED: &str = "7";
+
+pub fn checkpoint() -> Checkpoint {
+    in_memory(&Preset::Tiny.config(), SEED.parse().unwrap(), InitDtype::Bf16).unwrap()
+}
+
+/// A worker process of the `expertmesh` binary; killed (SIGKILL) when dropped.
+pub struct Worker {
+    child: Child,
+    _stdout: BufReader<ChildStdout>,
+    pub endpoint: String,
+    pub id: String,
+}
+
+impl Worker {
+    /// Starts `expertmesh <role> --preset tiny --seed 7 --listen 127.0.0.1:0 <args>` and waits for
+    /// its "listening on" line.
+    pub fn spawn(role: &str, args: &[&str]) -> Worker {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_expertmesh"))
+            .args([role, "--preset", "tiny", "--seed", SEED, "--listen", "127.0.0.1:0", "--drain-seconds", "2"])
+            .args(args)
+            .env("EXPERTMESH_THREADS", "2")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawning expertmesh");
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let (head, endpoint) = line.trim().split_once(" listening on ").unwrap_or_else(|| panic!("{role} {args:?} did not start: {line:?}"));
+        let endpoint = endpoint.split_whitespace().next().unwrap().to_string();
+        let id = head.split_whitespace().last().unwrap().to_string();
+        Worker { child, _stdout: stdout, endpoint, id }
+    }
+
+    pub fn expert(experts: &str, args: &[&str]) -> Worker {
+        let mut all = vec!["--experts", experts];
+        all.extend_from_slice(args);
+        Worker::spawn("expert", &all)
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for the process to exit; returns its success.
+    pub fn terminate(&mut self) -> bool {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        self.child.wait().map(|s| s.success()).unwrap_or(false)
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// The in-process engine: the reference every distributed result is compared with.
+pub struct Reference {
+    pub model: Model,
+    pub experts: Arc<ExpertStore>,
+}
+
+impl Reference {
+    pub fn new() -> Self {
+        let ckpt = checkpoint();
+        let opts = LoadOptions { mtp: false, ..LoadOptions::default() };
+        Reference {
+            model: Model::load(&ckpt, opts).unwrap(),
+            experts: Arc::new(ExpertStore::load(&ckpt, &ExpertSelection::all(), opts.sim).unwrap()),
+        }
+    }
+
+    /// Greedy tokens: the prompt prefilled at once, then one token per step.
+    pub fn greedy(&self, prompt: &[u32], max_tokens: usize) -> Vec<u32> {
+        let mut state = self.model.new_sequence();
+        let mut out = self.model.forward(&mut [Step::new(&mut state, prompt)], &*self.experts).unwrap();
+        let mut tokens = Vec::new();
+        loop {
+            let next = expertmesh_model::engine::sampling::argmax(&out[0].logits) as u32;
+            tokens.push(next);
+            if tokens.len() == max_tokens {
+                return tokens;
+            }
+            out = self.model.forward(&mut [Step::new(&mut state, &[next])], &*self.experts).unwrap();
+        }
+    }
+}
+
+/// A prompt of `len` tokens that differs per `seed`.
+pub fn prompt(seed: u32, len: usize) -> Vec<u32> {
+    (0..len as u32).map(|i| (seed * 7919 + i * 104_729 + 13) % 4000 + 2).collect()
+}
+
+pub async fn engine_client(endpoint: &str) -> EngineServiceClient<Channel> {
+    EngineServiceClient::connect(endpoint.to_string()).await.expect("connecting to the engine")
+}
+
+pub fn greedy_request(prompt: Vec<u32>, max_tokens: u32) -> GenerateRequest {
+    GenerateRequest {
+        request_id: String::new(),
+        prompt_tokens: prompt,
+        sampling: Some(SamplingParams { max_tokens, ..Default::default() }),
+    }
+}
+
+/// Runs a request to the end: the generated tokens, or the gRPC status that ended it.
+pub async fn generate(client: &mut EngineServiceClient<Channel>, req: GenerateRequest) -> Result<Vec<u32>, tonic::Status> {
+    let mut stream = client.generate(req).await?.into_inner();
+    let mut tokens = Vec::new();
+    while let Some(e) = stream.message().await? {
+        match e.event {
+            Some(Event::Token(t)) => tokens.push(t.token_id),
+            Some(Event::Finished(_)) => return Ok(tokens),
+            _ => {}
+        }
+    }
+    Err(tonic::Status::internal("stream ended without a Finished event"))
+}
+
