@@ -49,6 +49,11 @@ impl Placement {
         self.replicas.get(layer * self.n_experts + expert).map_or(&[], |v| v.as_slice())
     }
 
+    /// True when every expert of every layer has at least one shard.
+    pub fn covers_all(&self) -> bool {
+        !self.replicas.is_empty() && self.replicas.iter().all(|r| !r.is_empty())
+    }
+
     /// Experts of `layer` no live shard holds.
     pub fn uncovered(&self, layer: usize) -> Vec<usize> {
         (0..self.n_experts).filter(|&e| self.replicas(layer, e).is_empty()).collect()

@@ -154,7 +154,7 @@ impl RemoteExperts {
                 let reason = if replicas.is_empty() {
                     "no registered expert worker holds it".to_string()
                 } else {
-                    format!("all {} replicas failed", replicas.len())
+                    format!("every replica failed ({} tried)", replicas.len())
                 };
                 return Err(ExpertError::Unavailable { layer, expert: e, reason });
             };

@@ -24,6 +24,8 @@ pub struct AttentionWorkerOptions {
     pub drain: Duration,
     /// Bytes of attention-side weights (announced).
     pub resident_bytes: u64,
+    /// Readiness beyond "listening" (e.g. every expert has a live replica); checked every tick.
+    pub ready: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
 }
 
 pub struct RunningAttentionWorker {
@@ -53,7 +55,10 @@ pub async fn start(
     let id = opts.id.clone().unwrap_or_else(|| format!("attention-{}", addr.port()));
     let service = EngineServiceImpl::new(scheduler.clone(), id.clone());
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<EngineServiceServer<EngineServiceImpl>>().await;
+    let is_ready = opts.ready.clone().unwrap_or_else(|| Arc::new(|| true));
+    // The status last published; the task below keeps it in step with `is_ready`.
+    let mut ready = is_ready();
+    set_health(&health, ready).await;
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
         tonic::transport::Server::builder()
@@ -87,11 +92,15 @@ pub async fn start(
     let task = tokio::spawn(async move {
         // Refresh the announced load while serving (the gateway routes by it).
         let mut last = load(&scheduler);
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
         loop {
             tokio::select! {
                 _ = stopping.wait() => break,
                 _ = tick.tick() => {
+                    if is_ready() != ready {
+                        ready = !ready;
+                        set_health(&health, ready).await;
+                    }
                     let now = load(&scheduler);
                     if now != last {
                         let _ = registry.announce(record(now.clone())).await;
@@ -100,7 +109,7 @@ pub async fn start(
                 }
             }
         }
-        health.set_not_serving::<EngineServiceServer<EngineServiceImpl>>().await;
+        set_health(&health, false).await;
         let withdrawn = registry.withdraw(&task_id).await;
         // Let admitted and queued sequences finish, up to the deadline.
         let deadline = tokio::time::Instant::now() + drain;
@@ -114,3 +123,14 @@ pub async fn start(
     });
     Ok(RunningAttentionWorker { id, addr, endpoint, shutdown, task })
 }
+
+/// Readiness as seen by `grpc.health.v1` clients (the overall status "" and the engine service).
+async fn set_health(health: &tonic_health::server::HealthReporter, ready: bool) {
+    info!(ready, "engine readiness");
+    let status = if ready { tonic_health::ServingStatus::Serving } else { tonic_health::ServingStatus::NotServing };
+    health.set_service_status("", status).await;
+    health.set_service_status(ENGINE_SERVICE, status).await;
+}
+
+/// The engine service's full name (what health checks ask about).
+pub const ENGINE_SERVICE: &str = "expertmesh.v1.EngineService";

@@ -3,14 +3,11 @@
 
 mod common;
 
-use common::{Reference, Worker, prompt};
+use common::{Reference, WireSimulation, Worker, prompt};
 use expertmesh_attention::{RemoteExperts, RemoteOptions};
-use expertmesh_model::ExpertError;
-use expertmesh_model::engine::{ExpertBackend, ExpertStore, LogitRows, NO_EXPERT, Step};
-use expertmesh_model::layers::router::Routes;
+use expertmesh_model::engine::{ExpertBackend, LogitRows, Step};
 use expertmesh_runtime::registry::{HeldExperts, MemoryRegistry, Registry, Role, WorkerRecord};
-use expertmesh_runtime::wire::{WireDType, round_trip};
-use std::sync::Arc;
+use expertmesh_runtime::wire::WireDType;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -45,31 +42,6 @@ fn remote(rt: &tokio::runtime::Runtime, reg: &MemoryRegistry, wire: WireDType, r
         dim: cfg.dim,
     };
     RemoteExperts::new(rt.handle().clone(), reg.subscribe(), opts)
-}
-
-/// What the wire does to one layer's call, computed in process: hidden vectors rounded to the
-/// wire type, each shard's partial sum over its own experts rounded to the wire type, partials
-/// added in shard order.
-struct WireSimulation {
-    store: Arc<ExpertStore>,
-    shards: Vec<Vec<u32>>,
-    wire: WireDType,
-}
-
-impl ExpertBackend for WireSimulation {
-    fn forward(&self, layer: usize, hidden: &[f32], routes: &Routes) -> Result<Vec<f32>, ExpertError> {
-        let mut h = hidden.to_vec();
-        round_trip(&mut h, self.wire);
-        let mut out = vec![0.0f32; hidden.len()];
-        for shard in &self.shards {
-            let experts = routes.experts.iter().map(|e| if shard.contains(e) { *e } else { NO_EXPERT }).collect();
-            let masked = Routes { k: routes.k, experts, weights: routes.weights.clone() };
-            let mut partial = self.store.compute(layer, &h, &masked)?;
-            round_trip(&mut partial, self.wire);
-            out.iter_mut().zip(&partial).for_each(|(o, p)| *o += p);
-        }
-        Ok(out)
-    }
 }
 
 /// Logits of every prompt position, then of 6 decode steps (greedy), as one vector.

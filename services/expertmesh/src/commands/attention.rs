@@ -92,7 +92,7 @@ pub fn run(a: AttentionArgs) -> Result<()> {
         let registry = a.registry.build()?;
         let shutdown = Shutdown::new();
         tokio::spawn(shutdown.clone().on_signals());
-        let (scheduler, _) =
+        let (scheduler, remote) =
             a.engine.scheduler(model, registry.as_ref(), a.serve.topology(), tokio::runtime::Handle::current());
         let opts = AttentionWorkerOptions {
             listen: a.serve.listen.clone(),
@@ -101,6 +101,7 @@ pub fn run(a: AttentionArgs) -> Result<()> {
             topology: a.serve.topology(),
             drain: a.serve.drain(),
             resident_bytes,
+            ready: Some(Arc::new(move || remote.placement().covers_all())),
         };
         let worker = expertmesh_attention::worker::start(scheduler, opts, registry.clone(), shutdown).await?;
         println!("attention worker {} listening on {}", worker.id, worker.endpoint);

@@ -91,6 +91,7 @@ pub fn run(a: LocalArgs) -> Result<()> {
             topology: Topology::default(),
             drain: Duration::from_secs(5),
             resident_bytes: resident,
+            ready: None,
         };
         let attention =
             expertmesh_attention::worker::start(scheduler, attention_opts, registry.clone(), shutdown.clone()).await?;

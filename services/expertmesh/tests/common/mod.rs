@@ -3,7 +3,10 @@
 #![allow(dead_code)]
 
 use expertmesh_model::checkpoint::{Checkpoint, InitDtype, in_memory};
-use expertmesh_model::engine::{ExpertSelection, ExpertStore, LoadOptions, Model, Step};
+use expertmesh_model::ExpertError;
+use expertmesh_model::engine::{ExpertBackend, ExpertSelection, ExpertStore, LoadOptions, LocalExperts, Model, NO_EXPERT, Step};
+use expertmesh_model::layers::router::Routes;
+use expertmesh_runtime::wire::{WireDType, round_trip};
 use expertmesh_model::Preset;
 use expertmesh_proto::v1::engine_service_client::EngineServiceClient;
 use expertmesh_proto::v1::generate_event::Event;
@@ -74,26 +77,63 @@ impl Drop for Worker {
     }
 }
 
+/// What the wire does to one layer's call, computed in process: hidden vectors rounded to the
+/// wire type, each shard's partial sum over its own experts rounded to the wire type, partials
+/// added in shard order. With f32 and two shards this is exactly the distributed arithmetic
+/// (two partials add the same in either order); the plain in-process sum adds the experts in
+/// one sequence instead, which differs in the last bits and can flip a near-tie in greedy
+/// decoding of these random weights.
+pub struct WireSimulation {
+    pub store: Arc<ExpertStore>,
+    pub shards: Vec<Vec<u32>>,
+    pub wire: WireDType,
+}
+
+impl ExpertBackend for WireSimulation {
+    fn forward(&self, layer: usize, hidden: &[f32], routes: &Routes) -> Result<Vec<f32>, ExpertError> {
+        let mut h = hidden.to_vec();
+        round_trip(&mut h, self.wire);
+        let mut out = vec![0.0f32; hidden.len()];
+        for shard in &self.shards {
+            let experts = routes.experts.iter().map(|e| if shard.contains(e) { *e } else { NO_EXPERT }).collect();
+            let masked = Routes { k: routes.k, experts, weights: routes.weights.clone() };
+            let mut partial = self.store.compute(layer, &h, &masked)?;
+            round_trip(&mut partial, self.wire);
+            out.iter_mut().zip(&partial).for_each(|(o, p)| *o += p);
+        }
+        Ok(out)
+    }
+}
+
 /// The in-process engine: the reference every distributed result is compared with.
 pub struct Reference {
     pub model: Model,
     pub experts: Arc<ExpertStore>,
+    backend: Box<dyn ExpertBackend>,
 }
 
 impl Reference {
+    /// Experts summed in one sequence per token (the monolithic engine).
     pub fn new() -> Self {
         let ckpt = checkpoint();
         let opts = LoadOptions { mtp: false, ..LoadOptions::default() };
-        Reference {
-            model: Model::load(&ckpt, opts).unwrap(),
-            experts: Arc::new(ExpertStore::load(&ckpt, &ExpertSelection::all(), opts.sim).unwrap()),
-        }
+        let experts = Arc::new(ExpertStore::load(&ckpt, &ExpertSelection::all(), opts.sim).unwrap());
+        Reference { model: Model::load(&ckpt, opts).unwrap(), backend: Box::new(LocalExperts(experts.clone())), experts }
+    }
+
+    /// Experts summed per shard group, then the groups added: a cluster whose shards partition
+    /// the experts into `groups`, with f32 on the wire.
+    pub fn grouped(groups: &[std::ops::Range<u32>]) -> Self {
+        let mut r = Self::new();
+        let shards = groups.iter().map(|g| g.clone().collect()).collect();
+        r.backend = Box::new(WireSimulation { store: r.experts.clone(), shards, wire: WireDType::F32 });
+        r
     }
 
     /// Greedy tokens: the prompt prefilled at once, then one token per step.
     pub fn greedy(&self, prompt: &[u32], max_tokens: usize) -> Vec<u32> {
         let mut state = self.model.new_sequence();
-        let mut out = self.model.forward(&mut [Step::new(&mut state, prompt)], &*self.experts).unwrap();
+        let mut out = self.model.forward(&mut [Step::new(&mut state, prompt)], &*self.backend).unwrap();
         let mut tokens = Vec::new();
         loop {
             let next = expertmesh_model::engine::sampling::argmax(&out[0].logits) as u32;
@@ -101,7 +141,7 @@ impl Reference {
             if tokens.len() == max_tokens {
                 return tokens;
             }
-            out = self.model.forward(&mut [Step::new(&mut state, &[next])], &*self.experts).unwrap();
+            out = self.model.forward(&mut [Step::new(&mut state, &[next])], &*self.backend).unwrap();
         }
     }
 }
@@ -137,3 +177,21 @@ pub async fn generate(client: &mut EngineServiceClient<Channel>, req: GenerateRe
     Err(tonic::Status::internal("stream ended without a Finished event"))
 }
 
+
+/// Waits until the worker's `grpc.health.v1` check says SERVING (or panics after `secs`).
+pub async fn wait_ready(endpoint: &str, secs: u64) {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Ok(channel) = Channel::from_shared(endpoint.to_string()).unwrap().connect().await {
+            let mut c = HealthClient::new(channel);
+            let r = c.check(HealthCheckRequest { service: String::new() }).await;
+            if r.is_ok_and(|r| r.into_inner().status == 1) {
+                return;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "{endpoint} did not become ready");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

@@ -143,9 +143,14 @@ impl Session {
             match self.connected().await {
                 End::Closed => return,
                 End::Lost(why) => {
+                    // Warn once per outage; the retries while it lasts are debug noise.
+                    if self.status.snapshot().connected {
+                        warn!(reason = %why, "etcd session lost; serving on the last known view");
+                    } else {
+                        tracing::debug!(reason = %why, "etcd still unreachable");
+                    }
                     self.status.set_connected(false);
                     self.status.failed();
-                    warn!(reason = %why, "etcd session lost; serving on the last known view");
                 }
             }
             // Offline: keep taking commands (records are put on reconnect) until the backoff ends.
