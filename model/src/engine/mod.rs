@@ -8,7 +8,7 @@ mod state;
 mod teacher;
 
 pub use experts::{ExpertBackend, ExpertSelection, ExpertStore, LocalExperts, NO_EXPERT};
-pub use sampling::{Sampled, Sampler, SamplingParams};
 pub use model::{LoadOptions, LogitRows, Model, MtpStep, Step, StepOutput};
+pub use sampling::{Sampled, Sampler, SamplingParams};
 pub use state::{SequenceState, state_bytes, state_bytes_per_token};
 pub use teacher::teacher_forced_logits;

@@ -48,8 +48,8 @@ pub struct RemoteStats {
     pub calls: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub bytes_received: AtomicU64,
-    /// `dim × wire bytes` per (token, shard) pair each way: the ideal traffic of a dispatch that
-    /// sends one copy of a token to each shard it needs.
+    /// Per (token, shard) pair: one d-vector each way plus k expert ids and weights (spec §10):
+    /// the ideal traffic of a dispatch that sends one copy of a token to each shard it needs.
     pub ideal_bytes: AtomicU64,
     /// (token, layer) pairs dispatched.
     pub token_layers: AtomicU64,
@@ -222,7 +222,7 @@ impl ExpertBackend for RemoteExperts {
             for c in &calls {
                 let req = self.request(layer, hidden, routes, c);
                 stats.bytes_sent.fetch_add(req.encoded_len() as u64, Ordering::Relaxed);
-                let ideal = 2 * c.tokens.len() * d * self.opts.wire.bytes();
+                let ideal = c.tokens.len() * (2 * d * self.opts.wire.bytes() + 8 * routes.k);
                 stats.ideal_bytes.fetch_add(ideal as u64, Ordering::Relaxed);
                 let shard = &placement.shards[c.shard];
                 requests.push((self.client(&shard.endpoint), req, c.tokens.len()));

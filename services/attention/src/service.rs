@@ -57,7 +57,9 @@ fn fnv(s: &str) -> u64 {
 
 fn to_proto(e: EngineEvent, request_id: &str) -> Result<GenerateEvent, Status> {
     let event = match e {
-        EngineEvent::Admitted { queue_seconds } => Event::Admitted(Admitted { request_id: request_id.into(), queue_seconds }),
+        EngineEvent::Admitted { queue_seconds } => {
+            Event::Admitted(Admitted { request_id: request_id.into(), queue_seconds })
+        }
         EngineEvent::Token { token, index, logprob } => {
             Event::Token(TokenEvent { token_id: token, index: index as u32, logprob })
         }

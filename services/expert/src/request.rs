@@ -21,11 +21,19 @@ pub struct ForwardCall {
 }
 
 impl ForwardCall {
-    pub fn parse(r: ForwardRequest, store: &ExpertStore, worker: &str, max_tokens: usize) -> Result<Self, ServiceError> {
+    pub fn parse(
+        r: ForwardRequest,
+        store: &ExpertStore,
+        worker: &str,
+        max_tokens: usize,
+    ) -> Result<Self, ServiceError> {
         let (n_blocks, dim, n_experts) = (store.n_blocks(), store.dim(), store.n_experts());
         let layer = r.layer as usize;
         if layer >= n_blocks {
-            return Err(ServiceError::invalid("layer", format!("{layer} does not exist (the model has {n_blocks} blocks)")));
+            return Err(ServiceError::invalid(
+                "layer",
+                format!("{layer} does not exist (the model has {n_blocks} blocks)"),
+            ));
         }
         let k = r.experts_per_token as usize;
         if k == 0 || k > n_experts {
@@ -49,7 +57,10 @@ impl ForwardCall {
             ));
         }
         if r.weights.len() != r.expert_ids.len() {
-            return Err(ServiceError::invalid("weights", format!("{} weights for {} expert ids", r.weights.len(), r.expert_ids.len())));
+            return Err(ServiceError::invalid(
+                "weights",
+                format!("{} weights for {} expert ids", r.weights.len(), r.expert_ids.len()),
+            ));
         }
         for (i, (&e, &w)) in r.expert_ids.iter().zip(&r.weights).enumerate() {
             if e == NO_EXPERT {

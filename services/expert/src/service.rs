@@ -31,7 +31,13 @@ struct Inner {
 impl ExpertServiceImpl {
     pub fn new(store: Arc<ExpertStore>, worker_id: String, max_tokens: usize) -> Self {
         ExpertServiceImpl {
-            inner: Arc::new(Inner { store, worker_id, max_tokens, calls: AtomicU64::new(0), tokens: AtomicU64::new(0) }),
+            inner: Arc::new(Inner {
+                store,
+                worker_id,
+                max_tokens,
+                calls: AtomicU64::new(0),
+                tokens: AtomicU64::new(0),
+            }),
         }
     }
 

@@ -40,7 +40,8 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let threads = cli.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(threads).thread_name(|i| format!("compute-{i}")).build_global()
+    if let Err(e) =
+        rayon::ThreadPoolBuilder::new().num_threads(threads).thread_name(|i| format!("compute-{i}")).build_global()
     {
         eprintln!("error: cannot start {threads} compute threads: {e}");
         std::process::exit(2);

@@ -6,7 +6,9 @@ mod common;
 use common::{Worker, engine_client, generate, greedy_request, prompt, wait_ready};
 use expertmesh_proto::v1::expert_service_client::ExpertServiceClient;
 use expertmesh_proto::v1::generate_event::Event;
-use expertmesh_proto::v1::{CancelRequest, Dtype, ForwardRequest, GenerateRequest, SamplingParams, StatsRequest, Tensor};
+use expertmesh_proto::v1::{
+    CancelRequest, Dtype, ForwardRequest, GenerateRequest, SamplingParams, StatsRequest, Tensor,
+};
 use expertmesh_runtime::testkit::EtcdServer;
 use expertmesh_runtime::wire::{WireDType, encode};
 use std::time::{Duration, Instant};
@@ -27,7 +29,12 @@ fn good_call(tokens: usize) -> ForwardRequest {
     }
 }
 
-async fn expect(client: &mut ExpertServiceClient<tonic::transport::Channel>, r: ForwardRequest, code: Code, field: &str) {
+async fn expect(
+    client: &mut ExpertServiceClient<tonic::transport::Channel>,
+    r: ForwardRequest,
+    code: Code,
+    field: &str,
+) {
     let s = client.forward(r).await.expect_err("bad request accepted");
     assert_eq!(s.code(), code, "{s:?}");
     assert!(s.message().contains(field), "{field:?} not named in {:?}", s.message());
@@ -41,14 +48,50 @@ async fn the_expert_service_names_what_is_wrong_and_keeps_serving() {
     let base = good_call(2).hidden.unwrap();
     use Code::{InvalidArgument as Invalid, NotFound};
     expect(&mut c, ForwardRequest { hidden: None, ..good_call(2) }, Invalid, "hidden: missing").await;
-    expect(&mut c, ForwardRequest { hidden: hidden(Tensor { dtype: 0, ..base.clone() }), ..good_call(2) }, Invalid, "hidden.dtype").await;
-    expect(&mut c, ForwardRequest { hidden: hidden(Tensor { dtype: 7, ..base.clone() }), ..good_call(2) }, Invalid, "hidden.dtype").await;
-    expect(&mut c, ForwardRequest { hidden: hidden(Tensor { shape: vec![2 * DIM as u64], ..base.clone() }), ..good_call(2) }, Invalid, "hidden.shape").await;
-    expect(&mut c, ForwardRequest { hidden: hidden(Tensor { shape: vec![4, 128], ..base.clone() }), ..good_call(2) }, Invalid, "hidden.shape").await;
-    expect(&mut c, ForwardRequest { hidden: hidden(Tensor { data: base.data[..100].to_vec(), ..base.clone() }), ..good_call(2) }, Invalid, "hidden.data").await;
+    expect(
+        &mut c,
+        ForwardRequest { hidden: hidden(Tensor { dtype: 0, ..base.clone() }), ..good_call(2) },
+        Invalid,
+        "hidden.dtype",
+    )
+    .await;
+    expect(
+        &mut c,
+        ForwardRequest { hidden: hidden(Tensor { dtype: 7, ..base.clone() }), ..good_call(2) },
+        Invalid,
+        "hidden.dtype",
+    )
+    .await;
+    expect(
+        &mut c,
+        ForwardRequest { hidden: hidden(Tensor { shape: vec![2 * DIM as u64], ..base.clone() }), ..good_call(2) },
+        Invalid,
+        "hidden.shape",
+    )
+    .await;
+    expect(
+        &mut c,
+        ForwardRequest { hidden: hidden(Tensor { shape: vec![4, 128], ..base.clone() }), ..good_call(2) },
+        Invalid,
+        "hidden.shape",
+    )
+    .await;
+    expect(
+        &mut c,
+        ForwardRequest { hidden: hidden(Tensor { data: base.data[..100].to_vec(), ..base.clone() }), ..good_call(2) },
+        Invalid,
+        "hidden.data",
+    )
+    .await;
     let mut nan = vec![0.0f32; 2 * DIM];
     nan[300] = f32::NAN;
-    expect(&mut c, ForwardRequest { hidden: hidden(encode(&nan, 2, DIM, WireDType::F32)), ..good_call(2) }, Invalid, "hidden.data").await;
+    expect(
+        &mut c,
+        ForwardRequest { hidden: hidden(encode(&nan, 2, DIM, WireDType::F32)), ..good_call(2) },
+        Invalid,
+        "hidden.data",
+    )
+    .await;
     expect(&mut c, ForwardRequest { layer: 99, ..good_call(2) }, Invalid, "layer").await;
     expect(&mut c, ForwardRequest { experts_per_token: 0, ..good_call(2) }, Invalid, "experts_per_token").await;
     expect(&mut c, ForwardRequest { expert_ids: vec![0; 7], ..good_call(2) }, Invalid, "expert_ids").await;
@@ -95,14 +138,21 @@ async fn the_engine_service_names_what_is_wrong_keeps_serving_and_cancels_depart
     let attention = Worker::spawn("attention", &["--etcd", &e]);
     wait_ready(&attention.endpoint, 20).await;
     let mut c = engine_client(&attention.endpoint).await;
-    let req = |prompt: Vec<u32>, sampling: Option<SamplingParams>| GenerateRequest { request_id: String::new(), prompt_tokens: prompt, sampling };
+    let req = |prompt: Vec<u32>, sampling: Option<SamplingParams>| GenerateRequest {
+        request_id: String::new(),
+        prompt_tokens: prompt,
+        sampling,
+    };
     let cases = [
         (req(vec![], sampling(4)), "prompt_tokens"),
         (req(vec![1, 5000], sampling(4)), "prompt_tokens[1]"),
         (req(vec![1; 4096], sampling(4)), "context of 4096"),
         (req(vec![1, 2], None), "sampling"),
         (req(vec![1, 2], sampling(0)), "sampling.max_tokens"),
-        (req(vec![1, 2], Some(SamplingParams { temperature: -1.0, max_tokens: 4, ..Default::default() })), "sampling.temperature"),
+        (
+            req(vec![1, 2], Some(SamplingParams { temperature: -1.0, max_tokens: 4, ..Default::default() })),
+            "sampling.temperature",
+        ),
         (req(vec![1, 2], Some(SamplingParams { top_p: 2.0, max_tokens: 4, ..Default::default() })), "sampling.top_p"),
     ];
     for (r, field) in cases {
@@ -129,7 +179,11 @@ async fn the_engine_service_names_what_is_wrong_keeps_serving_and_cancels_depart
     loop {
         let s = c.get_stats(StatsRequest {}).await.unwrap().into_inner();
         if s.running == 0 {
-            assert!(s.generated_tokens < 4 + 1000, "the dropped sequence stopped early ({} tokens)", s.generated_tokens);
+            assert!(
+                s.generated_tokens < 4 + 1000,
+                "the dropped sequence stopped early ({} tokens)",
+                s.generated_tokens
+            );
             assert_eq!(s.kv_bytes_used, 0);
             break;
         }

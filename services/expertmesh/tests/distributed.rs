@@ -13,7 +13,11 @@ use std::time::Duration;
 
 /// Registers the worker processes (by hand: they run without etcd) and returns their
 /// (id, experts) in the engine's shard order (by id).
-fn register(rt: &tokio::runtime::Runtime, reg: &MemoryRegistry, workers: &[(&Worker, Vec<u32>)]) -> Vec<(String, Vec<u32>)> {
+fn register(
+    rt: &tokio::runtime::Runtime,
+    reg: &MemoryRegistry,
+    workers: &[(&Worker, Vec<u32>)],
+) -> Vec<(String, Vec<u32>)> {
     for (w, experts) in workers {
         let record = WorkerRecord {
             id: w.id.clone(),
@@ -105,7 +109,11 @@ fn uneven_shards_over_grpc_equal_the_in_process_engine() {
 
     // bf16 on the wire (the default): equal to the in-process computation of the same roundings.
     let bf16_remote = remote(&rt, &reg, WireDType::Bf16, &r);
-    let sim = WireSimulation { store: r.experts.clone(), shards: shards.iter().map(|s| s.1.clone()).collect(), wire: WireDType::Bf16 };
+    let sim = WireSimulation {
+        store: r.experts.clone(),
+        shards: shards.iter().map(|s| s.1.clone()).collect(),
+        wire: WireDType::Bf16,
+    };
     let (got, _) = logits(&r, &bf16_remote, &p);
     let (expected, _) = logits(&r, &sim, &p);
     let diff = max_abs_diff(&got, &expected);
@@ -140,7 +148,10 @@ fn uneven_shards_over_grpc_equal_the_in_process_engine() {
 
     // One copy of each token per shard it needs, not per expert: bytes within 1.2× the ideal.
     let s = &bf16_remote.stats;
-    let (sent, ideal) = (s.bytes_sent.load(Ordering::Relaxed) + s.bytes_received.load(Ordering::Relaxed), s.ideal_bytes.load(Ordering::Relaxed));
+    let (sent, ideal) = (
+        s.bytes_sent.load(Ordering::Relaxed) + s.bytes_received.load(Ordering::Relaxed),
+        s.ideal_bytes.load(Ordering::Relaxed),
+    );
     eprintln!("bytes on the wire {sent}, ideal {ideal} ({:.3}×)", sent as f64 / ideal as f64);
     assert!(sent as f64 <= 1.2 * ideal as f64);
 }

@@ -90,7 +90,12 @@ pub fn decode(t: Option<&Tensor>, cols: usize, field: &str) -> Result<Matrix, Se
     if expected != Some(t.data.len() as u64) {
         return Err(ServiceError::invalid(
             format!("{field}.data"),
-            format!("{} bytes, but shape {:?} of {dtype:?} needs {}", t.data.len(), t.shape, rows * c * dtype.bytes() as u64),
+            format!(
+                "{} bytes, but shape {:?} of {dtype:?} needs {}",
+                t.data.len(),
+                t.shape,
+                rows * c * dtype.bytes() as u64
+            ),
         ));
     }
     let values: Vec<f32> = match dtype {

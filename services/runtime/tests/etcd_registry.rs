@@ -45,7 +45,8 @@ async fn records_are_seen_by_others_and_removed_on_withdraw_and_close() {
     let mut updated = record("a1");
     updated.load.running = 3;
     a.announce(updated).await.unwrap();
-    let (ok, _) = wait_for(&mut view, Duration::from_secs(5), |v| v.workers.get("a1").is_some_and(|r| r.load.running == 3)).await;
+    let (ok, _) =
+        wait_for(&mut view, Duration::from_secs(5), |v| v.workers.get("a1").is_some_and(|r| r.load.running == 3)).await;
     assert!(ok);
 
     a.withdraw("a2").await.unwrap();
@@ -78,7 +79,10 @@ async fn serving_continues_on_the_last_view_while_etcd_is_away_and_records_come_
     a.announce(record("a-late")).await.unwrap();
 
     etcd.restart();
-    let (ok, v) = wait_for(&mut view, Duration::from_secs(15), |v| v.workers.contains_key("a") && v.workers.contains_key("a-late")).await;
+    let (ok, v) = wait_for(&mut view, Duration::from_secs(15), |v| {
+        v.workers.contains_key("a") && v.workers.contains_key("a-late")
+    })
+    .await;
     assert!(ok, "records come back after etcd returns: {v:?}");
     let deadline = Instant::now() + Duration::from_secs(10);
     while !(a.status().connected && b.status().connected) {

@@ -37,7 +37,12 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
 }
 
 impl EngineLoop {
-    pub fn new(model: Arc<Model>, experts: Arc<dyn ExpertBackend>, opts: EngineOptions, stats: Arc<EngineStats>) -> Self {
+    pub fn new(
+        model: Arc<Model>,
+        experts: Arc<dyn ExpertBackend>,
+        opts: EngineOptions,
+        stats: Arc<EngineStats>,
+    ) -> Self {
         EngineLoop { model, experts, opts, stats, waiting: VecDeque::new(), running: Vec::new(), kv_used: 0 }
     }
 
@@ -115,7 +120,8 @@ impl EngineLoop {
 
     fn admit(&mut self) {
         while let Some(front) = self.waiting.front() {
-            if self.running.len() >= self.opts.max_running || self.kv_used + front.state_bytes > self.opts.kv_budget_bytes
+            if self.running.len() >= self.opts.max_running
+                || self.kv_used + front.state_bytes > self.opts.kv_budget_bytes
             {
                 break;
             }
@@ -160,7 +166,9 @@ impl EngineLoop {
                 }
             }
             // A bug in one step must fail that step's requests, not the engine thread.
-            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.model.forward(&mut steps, &*self.experts))) {
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.model.forward(&mut steps, &*self.experts)
+            })) {
                 Ok(r) => r.map_err(service_error),
                 Err(p) => Err(ServiceError::Internal(format!("engine step panicked: {}", panic_message(&*p)))),
             }

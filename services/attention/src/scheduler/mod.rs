@@ -135,7 +135,11 @@ impl Scheduler {
         if p.prompt.len() >= self.max_context {
             return Err(ServiceError::invalid(
                 "prompt_tokens",
-                format!("{} tokens leave no room to generate within the context of {}", p.prompt.len(), self.max_context),
+                format!(
+                    "{} tokens leave no room to generate within the context of {}",
+                    p.prompt.len(),
+                    self.max_context
+                ),
             ));
         }
         if p.max_tokens == 0 {

@@ -2,6 +2,7 @@
 //! throughput next to a baseline measured in the same run. These machines are noisy; compare the
 //! ratios, not the absolute numbers.
 
+mod cluster;
 mod kernels;
 mod memory;
 mod model;
@@ -32,6 +33,9 @@ pub struct BenchArgs {
     /// Skip the model-throughput part.
     #[arg(long)]
     pub no_model: bool,
+    /// Skip the distributed-decode part (expert workers as separate processes).
+    #[arg(long)]
+    pub no_cluster: bool,
 }
 
 pub fn run(mut args: BenchArgs) -> Result<()> {
@@ -51,6 +55,9 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
     }
     if !args.no_model {
         model::run(&args)?;
+    }
+    if !args.no_cluster {
+        cluster::run(&args)?;
     }
     Ok(())
 }

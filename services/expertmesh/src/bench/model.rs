@@ -5,7 +5,7 @@
 use anyhow::Result;
 use expertmesh_model::Preset;
 use expertmesh_model::checkpoint::{Checkpoint, InitDtype, write_checkpoint};
-use expertmesh_model::engine::{ExpertSelection, ExpertStore, LoadOptions, Model, SequenceState, Step};
+use expertmesh_model::engine::{ExpertBackend, ExpertSelection, ExpertStore, LoadOptions, Model, SequenceState, Step};
 use expertmesh_model::kernels;
 use std::time::Instant;
 
@@ -25,19 +25,25 @@ fn prompt(seq: usize, len: usize, vocab: usize) -> Vec<u32> {
 }
 
 /// Prefill tokens/s and decode tokens/s for `batch` sequences.
-fn measure(m: &Loaded, batch: usize, prompt_len: usize, decode: usize) -> Result<(f64, f64)> {
-    let vocab = m.model.config().vocab_size;
+pub fn measure(
+    model: &Model,
+    experts: &dyn ExpertBackend,
+    batch: usize,
+    prompt_len: usize,
+    decode: usize,
+) -> Result<(f64, f64)> {
+    let vocab = model.config().vocab_size;
     let prompts: Vec<Vec<u32>> = (0..batch).map(|s| prompt(s, prompt_len, vocab)).collect();
-    let mut states: Vec<SequenceState> = (0..batch).map(|_| m.model.new_sequence()).collect();
+    let mut states: Vec<SequenceState> = (0..batch).map(|_| model.new_sequence()).collect();
     let t = Instant::now();
     let mut steps: Vec<Step> = states.iter_mut().zip(&prompts).map(|(s, p)| Step::new(s, p)).collect();
-    let mut outs = m.model.forward(&mut steps, &m.experts)?;
+    let mut outs = model.forward(&mut steps, experts)?;
     let prefill = (batch * prompt_len) as f64 / t.elapsed().as_secs_f64();
     let t = Instant::now();
     for _ in 0..decode {
         let next: Vec<[u32; 1]> = outs.iter().map(|o| [argmax(&o.logits)]).collect();
         let mut steps: Vec<Step> = states.iter_mut().zip(&next).map(|(s, n)| Step::new(s, n)).collect();
-        outs = m.model.forward(&mut steps, &m.experts)?;
+        outs = model.forward(&mut steps, experts)?;
     }
     let decode_tps = (batch * decode) as f64 / t.elapsed().as_secs_f64();
     Ok((prefill, decode_tps))
@@ -90,10 +96,10 @@ fn run_in(args: &BenchArgs, dir: &std::path::Path) -> Result<()> {
             // Warm caches and page the weights in, then keep the best of a few runs: the machines
             // this runs on are shared and noisy, and the best run is the least disturbed.
             let (p, d) = pool(threads)?.install(|| -> Result<(f64, f64)> {
-                measure(&loaded, batch, args.prompt, 2.min(args.decode))?;
+                measure(&loaded.model, &loaded.experts, batch, args.prompt, 2.min(args.decode))?;
                 let mut best = (0.0f64, 0.0f64);
                 for _ in 0..args.repeats {
-                    let (p, d) = measure(&loaded, batch, args.prompt, args.decode)?;
+                    let (p, d) = measure(&loaded.model, &loaded.experts, batch, args.prompt, args.decode)?;
                     best = (best.0.max(p), best.1.max(d));
                 }
                 Ok(best)

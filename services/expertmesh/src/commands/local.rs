@@ -18,8 +18,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::attention::EngineArgs;
-use super::{ModelSource, parse_tokens};
 use super::cluster::{init_logging, runtime};
+use super::{ModelSource, parse_tokens};
 
 #[derive(Args)]
 pub struct LocalArgs {
@@ -110,7 +110,7 @@ pub fn run(a: LocalArgs) -> Result<()> {
                 temperature: a.temperature,
                 max_tokens: a.max_tokens,
                 seed: a.seed,
-                stop_token_ids: vec![cfg.eos_token_id as u32],
+                stop_token_ids: vec![cfg.eos_token_id],
                 ..Default::default()
             }),
         };

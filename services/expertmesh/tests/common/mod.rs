@@ -2,15 +2,17 @@
 //! model, and a gRPC client for the engine.
 #![allow(dead_code)]
 
-use expertmesh_model::checkpoint::{Checkpoint, InitDtype, in_memory};
 use expertmesh_model::ExpertError;
-use expertmesh_model::engine::{ExpertBackend, ExpertSelection, ExpertStore, LoadOptions, LocalExperts, Model, NO_EXPERT, Step};
-use expertmesh_model::layers::router::Routes;
-use expertmesh_runtime::wire::{WireDType, round_trip};
 use expertmesh_model::Preset;
+use expertmesh_model::checkpoint::{Checkpoint, InitDtype, in_memory};
+use expertmesh_model::engine::{
+    ExpertBackend, ExpertSelection, ExpertStore, LoadOptions, LocalExperts, Model, NO_EXPERT, Step,
+};
+use expertmesh_model::layers::router::Routes;
 use expertmesh_proto::v1::engine_service_client::EngineServiceClient;
 use expertmesh_proto::v1::generate_event::Event;
 use expertmesh_proto::v1::{GenerateRequest, SamplingParams};
+use expertmesh_runtime::wire::{WireDType, round_trip};
 use std::io::{BufRead, BufReader};
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::Arc;
@@ -47,7 +49,10 @@ impl Worker {
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         stdout.read_line(&mut line).unwrap();
-        let (head, endpoint) = line.trim().split_once(" listening on ").unwrap_or_else(|| panic!("{role} {args:?} did not start: {line:?}"));
+        let (head, endpoint) = line
+            .trim()
+            .split_once(" listening on ")
+            .unwrap_or_else(|| panic!("{role} {args:?} did not start: {line:?}"));
         let endpoint = endpoint.split_whitespace().next().unwrap().to_string();
         let id = head.split_whitespace().last().unwrap().to_string();
         Worker { child, _stdout: stdout, endpoint, id }
@@ -118,7 +123,11 @@ impl Reference {
         let ckpt = checkpoint();
         let opts = LoadOptions { mtp: false, ..LoadOptions::default() };
         let experts = Arc::new(ExpertStore::load(&ckpt, &ExpertSelection::all(), opts.sim).unwrap());
-        Reference { model: Model::load(&ckpt, opts).unwrap(), backend: Box::new(LocalExperts(experts.clone())), experts }
+        Reference {
+            model: Model::load(&ckpt, opts).unwrap(),
+            backend: Box::new(LocalExperts(experts.clone())),
+            experts,
+        }
     }
 
     /// Experts summed per shard group, then the groups added: a cluster whose shards partition
@@ -164,7 +173,10 @@ pub fn greedy_request(prompt: Vec<u32>, max_tokens: u32) -> GenerateRequest {
 }
 
 /// Runs a request to the end: the generated tokens, or the gRPC status that ended it.
-pub async fn generate(client: &mut EngineServiceClient<Channel>, req: GenerateRequest) -> Result<Vec<u32>, tonic::Status> {
+pub async fn generate(
+    client: &mut EngineServiceClient<Channel>,
+    req: GenerateRequest,
+) -> Result<Vec<u32>, tonic::Status> {
     let mut stream = client.generate(req).await?.into_inner();
     let mut tokens = Vec::new();
     while let Some(e) = stream.message().await? {
@@ -176,7 +188,6 @@ pub async fn generate(client: &mut EngineServiceClient<Channel>, req: GenerateRe
     }
     Err(tonic::Status::internal("stream ended without a Finished event"))
 }
-
 
 /// Waits until the worker's `grpc.health.v1` check says SERVING (or panics after `secs`).
 pub async fn wait_ready(endpoint: &str, secs: u64) {

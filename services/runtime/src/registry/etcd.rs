@@ -75,11 +75,7 @@ impl EtcdRegistry {
         Ok(EtcdRegistry { cmds, view, status })
     }
 
-    fn call<T: Send + 'static>(
-        &self,
-        make: impl FnOnce(oneshot::Sender<T>) -> Command,
-        closed: T,
-    ) -> BoxFuture<'_, T> {
+    fn call<T: Send + 'static>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command, closed: T) -> BoxFuture<'_, T> {
         let (tx, rx) = oneshot::channel();
         let sent = self.cmds.send(make(tx)).is_ok();
         Box::pin(async move { if sent { rx.await.unwrap_or(closed) } else { closed } })
@@ -188,7 +184,8 @@ impl Session {
         if let Some((user, password)) = &self.opts.user {
             options = options.with_user(user, password);
         }
-        match tokio::time::timeout(self.opts.request_timeout, Client::connect(&self.opts.endpoints, Some(options))).await
+        match tokio::time::timeout(self.opts.request_timeout, Client::connect(&self.opts.endpoints, Some(options)))
+            .await
         {
             Ok(r) => r.map_err(lost("connect")),
             Err(_) => Err("connect: timed out".into()),
@@ -197,7 +194,10 @@ impl Session {
 
     async fn put(&self, client: &mut Client, lease: i64, record: &WorkerRecord) -> Result<(), String> {
         let value = serde_json::to_vec(record).map_err(|e| format!("encoding record: {e}"))?;
-        client.put(self.key(&record.id), value, Some(PutOptions::new().with_lease(lease))).await.map_err(lost("put"))?;
+        client
+            .put(self.key(&record.id), value, Some(PutOptions::new().with_lease(lease)))
+            .await
+            .map_err(lost("put"))?;
         Ok(())
     }
 

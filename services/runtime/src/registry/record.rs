@@ -38,7 +38,8 @@ impl HeldExperts {
         if let Some(pairs) = &self.pairs {
             return pairs.contains(&(layer, expert));
         }
-        self.layers.as_ref().is_none_or(|l| l.contains(&layer)) && self.experts.as_ref().is_none_or(|e| e.contains(&expert))
+        self.layers.as_ref().is_none_or(|l| l.contains(&layer))
+            && self.experts.as_ref().is_none_or(|e| e.contains(&expert))
     }
 }
 
