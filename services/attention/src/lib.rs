@@ -6,6 +6,7 @@ pub mod placement;
 pub mod remote;
 pub mod scheduler;
 pub mod service;
+pub mod shard_link;
 pub mod worker;
 
 pub use remote::{RemoteExperts, RemoteOptions, RemoteStats};

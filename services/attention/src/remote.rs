@@ -11,7 +11,6 @@ use expertmesh_model::ExpertError;
 use expertmesh_model::engine::{ExpertBackend, NO_EXPERT};
 use expertmesh_model::layers::router::Routes;
 use expertmesh_proto::v1::ForwardRequest;
-use expertmesh_proto::v1::expert_service_client::ExpertServiceClient;
 use expertmesh_runtime::registry::{RegistryView, Topology};
 use expertmesh_runtime::wire::{self, WireDType};
 use prost::Message;
@@ -21,12 +20,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint};
 
 use crate::placement::{Placement, distance};
+use crate::shard_link::ShardLink;
 
-/// Largest gRPC message either way (must match the expert workers' limit).
-const MAX_MESSAGE_BYTES: usize = 512 << 20;
 /// A failed shard is ranked last for this long (it may have been a blip).
 const SUSPECT_FOR: Duration = Duration::from_secs(3);
 
@@ -35,6 +32,8 @@ pub struct RemoteOptions {
     pub wire: WireDType,
     /// Deadline of one shard call.
     pub call_timeout: Duration,
+    /// Send calls on one long-lived stream per worker (default) instead of one RPC each.
+    pub streaming: bool,
     /// This worker's place (replicas close to it are preferred).
     pub topology: Topology,
     pub n_blocks: usize,
@@ -61,7 +60,7 @@ pub struct RemoteExperts {
     opts: RemoteOptions,
     view: watch::Receiver<Arc<RegistryView>>,
     placement: Mutex<(Option<Arc<RegistryView>>, Arc<Placement>)>,
-    clients: Mutex<HashMap<String, ExpertServiceClient<Channel>>>,
+    links: Mutex<HashMap<String, Arc<ShardLink>>>,
     suspects: Mutex<HashMap<String, Instant>>,
     rotation: AtomicU64,
     pub stats: Arc<RemoteStats>,
@@ -83,7 +82,7 @@ impl RemoteExperts {
             opts,
             view,
             placement: Mutex::new((None, Arc::new(Placement::default()))),
-            clients: Mutex::new(HashMap::new()),
+            links: Mutex::new(HashMap::new()),
             suspects: Mutex::new(HashMap::new()),
             rotation: AtomicU64::new(0),
             stats: Arc::new(RemoteStats::default()),
@@ -101,25 +100,16 @@ impl RemoteExperts {
         cached.1.clone()
     }
 
-    fn client(&self, endpoint: &str) -> Result<ExpertServiceClient<Channel>, String> {
-        let mut clients = self.clients.lock().unwrap();
-        if let Some(c) = clients.get(endpoint) {
-            return Ok(c.clone());
+    fn link(&self, endpoint: &str) -> Result<Arc<ShardLink>, String> {
+        let mut links = self.links.lock().unwrap();
+        if let Some(l) = links.get(endpoint) {
+            return Ok(l.clone());
         }
         // Channels spawn their connection task on the runtime; this runs on a compute thread.
         let _runtime = self.rt.enter();
-        let channel = Endpoint::from_shared(endpoint.to_string())
-            .map_err(|e| format!("bad endpoint {endpoint:?}: {e}"))?
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(1))
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .connect_lazy();
-        let client = ExpertServiceClient::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        clients.insert(endpoint.to_string(), client.clone());
-        Ok(client)
+        let link = Arc::new(ShardLink::new(endpoint, self.opts.streaming)?);
+        links.insert(endpoint.to_string(), link.clone());
+        Ok(link)
     }
 
     /// Assigns each pending slot to a replica: never one that failed in this call; live before
@@ -225,25 +215,15 @@ impl ExpertBackend for RemoteExperts {
                 let ideal = c.tokens.len() * (2 * d * self.opts.wire.bytes() + 8 * routes.k);
                 stats.ideal_bytes.fetch_add(ideal as u64, Ordering::Relaxed);
                 let shard = &placement.shards[c.shard];
-                requests.push((self.client(&shard.endpoint), req, c.tokens.len()));
+                requests.push((self.link(&shard.endpoint), req, c.tokens.len()));
             }
             stats.calls.fetch_add(calls.len() as u64, Ordering::Relaxed);
             let timeout = self.opts.call_timeout;
             let received = stats.clone();
-            let outcomes: Vec<Outcome> = self.rt.block_on(async move {
-                let handles: Vec<_> = requests
-                    .into_iter()
-                    .map(|(client, req, rows)| {
-                        let received = received.clone();
-                        tokio::spawn(async move { call_shard(client, req, rows, d, timeout, &received).await })
-                    })
-                    .collect();
-                let mut outcomes = Vec::with_capacity(handles.len());
-                for h in handles {
-                    outcomes.push(h.await.unwrap_or_else(|e| Outcome::Failover(format!("call task: {e}"))));
-                }
-                outcomes
-            });
+            // The calls run concurrently, polled from this thread: no task hop per call.
+            let outcomes: Vec<Outcome> = self.rt.block_on(futures_util::future::join_all(
+                requests.into_iter().map(|(client, req, rows)| call_shard(client, req, rows, d, timeout, &received)),
+            ));
             pending.clear();
             // Sum in shard order (not completion order), so results do not depend on timing.
             for (c, outcome) in calls.iter().zip(outcomes) {
@@ -270,18 +250,18 @@ impl ExpertBackend for RemoteExperts {
 }
 
 async fn call_shard(
-    mut client: Result<ExpertServiceClient<Channel>, String>,
+    link: Result<Arc<ShardLink>, String>,
     req: ForwardRequest,
     rows: usize,
     dim: usize,
     timeout: Duration,
     stats: &RemoteStats,
 ) -> Outcome {
-    let client = match client.as_mut() {
-        Ok(c) => c,
-        Err(e) => return Outcome::Failover(e.clone()),
+    let link = match link {
+        Ok(l) => l,
+        Err(e) => return Outcome::Failover(e),
     };
-    let reply = match tokio::time::timeout(timeout, client.forward(req)).await {
+    let reply = match tokio::time::timeout(timeout, link.call(req)).await {
         Err(_) => return Outcome::Failover(format!("no reply within {timeout:?}")),
         Ok(Err(status)) => {
             return match status.code() {
@@ -291,7 +271,7 @@ async fn call_shard(
                 _ => Outcome::Failover(format!("{:?}: {}", status.code(), status.message())),
             };
         }
-        Ok(Ok(r)) => r.into_inner(),
+        Ok(Ok(r)) => r,
     };
     stats.bytes_received.fetch_add(reply.encoded_len() as u64, Ordering::Relaxed);
     match wire::decode(reply.output.as_ref(), dim, "output") {

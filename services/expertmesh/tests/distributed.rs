@@ -35,10 +35,17 @@ fn register(
     order
 }
 
-fn remote(rt: &tokio::runtime::Runtime, reg: &MemoryRegistry, wire: WireDType, r: &Reference) -> RemoteExperts {
+fn remote(
+    rt: &tokio::runtime::Runtime,
+    reg: &MemoryRegistry,
+    wire: WireDType,
+    streaming: bool,
+    r: &Reference,
+) -> RemoteExperts {
     let cfg = r.model.config();
     let opts = RemoteOptions {
         wire,
+        streaming,
         call_timeout: Duration::from_secs(10),
         topology: Default::default(),
         n_blocks: cfg.n_blocks(),
@@ -98,17 +105,17 @@ fn uneven_shards_over_grpc_equal_the_in_process_engine() {
 
     let (reference, ref_tokens) = logits(&r, &*r.experts, &p);
 
-    // f32 on the wire: only the order of adding the shards' partial sums differs from the
+    // f32 on the wire (one RPC per call): only the order of adding the shards' partial sums differs from the
     // in-process sum (f32 rounding, ~1e-7 relative per addition), amplified through 8 layers.
-    let f32_remote = remote(&rt, &reg, WireDType::F32, &r);
+    let f32_remote = remote(&rt, &reg, WireDType::F32, false, &r);
     let (got, tokens) = logits(&r, &f32_remote, &p);
     let diff = max_abs_diff(&got, &reference);
     eprintln!("f32 wire: max |Δlogit| = {diff:.3e} (max |logit| {:.3})", max_abs(&reference));
     assert_eq!(tokens, ref_tokens);
     assert!(diff <= 1e-4 * max_abs(&reference), "f32 wire differs by {diff}");
 
-    // bf16 on the wire (the default): equal to the in-process computation of the same roundings.
-    let bf16_remote = remote(&rt, &reg, WireDType::Bf16, &r);
+    // bf16 on the wire, calls on one stream per worker (the defaults): equal to the in-process computation of the same roundings.
+    let bf16_remote = remote(&rt, &reg, WireDType::Bf16, true, &r);
     let sim = WireSimulation {
         store: r.experts.clone(),
         shards: shards.iter().map(|s| s.1.clone()).collect(),
@@ -166,7 +173,7 @@ fn overlapping_replicas_give_the_same_result() {
     register(&rt, &reg, &[(&a, (0..10).collect()), (&b, (6..16).collect()), (&c, (0..6).chain(10..16).collect())]);
     let p = prompt(2, 24);
     let (reference, ref_tokens) = logits(&r, &*r.experts, &p);
-    let f32_remote = remote(&rt, &reg, WireDType::F32, &r);
+    let f32_remote = remote(&rt, &reg, WireDType::F32, true, &r);
     let (got, tokens) = logits(&r, &f32_remote, &p);
     assert_eq!(tokens, ref_tokens);
     assert!(max_abs_diff(&got, &reference) <= 1e-4 * max_abs(&reference));

@@ -51,7 +51,7 @@ fn spawn_shard(range: &std::ops::Range<usize>, threads: usize) -> Result<(Child,
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
-    const SHARDS: usize = 4;
+    let shards_n = args.cluster_shards.clamp(1, 16);
     let cfg = Preset::Tiny.config();
     let ckpt = in_memory(&cfg, 7, InitDtype::Bf16)?;
     let opts = LoadOptions { mtp: false, ..LoadOptions::default() };
@@ -62,7 +62,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let registry = MemoryRegistry::new();
     let mut shards = Shards(Vec::new());
-    for range in even_ranges(cfg.n_routed_experts, SHARDS) {
+    for range in even_ranges(cfg.n_routed_experts, shards_n) {
         let (child, id, endpoint) = spawn_shard(&range, rayon::current_num_threads())?;
         shards.0.push(child);
         let held = HeldExperts { layers: None, experts: Some(range.map(|e| e as u32).collect()), pairs: None };
@@ -77,26 +77,30 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         };
         rt.block_on(registry.announce(record))?;
     }
-    let remote = RemoteExperts::new(
-        rt.handle().clone(),
-        registry.subscribe(),
-        RemoteOptions {
-            wire: WireDType::Bf16,
-            call_timeout: Duration::from_secs(30),
-            topology: Default::default(),
-            n_blocks: cfg.n_blocks(),
-            n_experts: cfg.n_routed_experts,
-            dim: cfg.dim,
-        },
-    );
+    let remote = |streaming| {
+        RemoteExperts::new(
+            rt.handle().clone(),
+            registry.subscribe(),
+            RemoteOptions {
+                wire: WireDType::Bf16,
+                streaming,
+                call_timeout: Duration::from_secs(30),
+                topology: Default::default(),
+                n_blocks: cfg.n_blocks(),
+                n_experts: cfg.n_routed_experts,
+                dim: cfg.dim,
+            },
+        )
+    };
+    let (streamed, unary) = (remote(true), remote(false));
 
     println!(
-        "\n## Distributed decode: tiny preset, {SHARDS} expert worker processes on loopback gRPC (bf16 wire), prompt 32, {} decode steps",
+        "\n## Distributed decode: tiny preset, {shards_n} expert worker processes on loopback gRPC (bf16 wire), prompt 32, {} decode steps",
         args.decode
     );
     println!(
-        "{:>5} {:>16} {:>16} {:>7} {:>20} {:>10}",
-        "batch", "in-process t/s", "distributed t/s", "ratio", "wire B/token/layer", "vs ideal"
+        "{:>5} {:>7} {:>16} {:>16} {:>7} {:>20} {:>10}",
+        "batch", "calls", "in-process t/s", "distributed t/s", "ratio", "wire B/token/layer", "vs ideal"
     );
     let best = |experts: &dyn ExpertBackend, batch: usize| -> Result<f64> {
         measure(&model, experts, batch, 32, 2.min(args.decode))?; // warm-up (connections, caches)
@@ -108,19 +112,21 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     };
     for batch in [1, 32] {
         let in_process = best(&local, batch)?;
-        let s = &remote.stats;
-        let before =
-            [&s.bytes_sent, &s.bytes_received, &s.ideal_bytes, &s.token_layers].map(|c| c.load(Ordering::Relaxed));
-        let distributed = best(&remote, batch)?;
-        let after =
-            [&s.bytes_sent, &s.bytes_received, &s.ideal_bytes, &s.token_layers].map(|c| c.load(Ordering::Relaxed));
-        let d: Vec<f64> = before.iter().zip(after).map(|(b, a)| (a - b) as f64).collect();
-        let (wire, ideal) = ((d[0] + d[1]) / d[3], d[2] / d[3]);
-        println!(
-            "{batch:>5} {in_process:>16.1} {distributed:>16.1} {:>6.0}% {wire:>20.0} {:>9.3}x",
-            100.0 * distributed / in_process,
-            wire / ideal
-        );
+        for (mode, remote) in [("stream", &streamed), ("unary", &unary)] {
+            let s = &remote.stats;
+            let counters = || {
+                [&s.bytes_sent, &s.bytes_received, &s.ideal_bytes, &s.token_layers].map(|c| c.load(Ordering::Relaxed))
+            };
+            let before = counters();
+            let distributed = best(remote, batch)?;
+            let d: Vec<f64> = before.iter().zip(counters()).map(|(b, a)| (a - b) as f64).collect();
+            let (wire, ideal) = ((d[0] + d[1]) / d[3], d[2] / d[3]);
+            println!(
+                "{batch:>5} {mode:>7} {in_process:>16.1} {distributed:>16.1} {:>6.0}% {wire:>20.0} {:>9.3}x",
+                100.0 * distributed / in_process,
+                wire / ideal
+            );
+        }
     }
     println!(
         "(ideal per token per MoE layer with one copy per shard: {} B each way for d={} bf16 plus {} B of ids and weights, times the shards a token touches)",

@@ -33,6 +33,9 @@ pub struct BenchArgs {
     /// Skip the model-throughput part.
     #[arg(long)]
     pub no_model: bool,
+    /// Expert worker processes in the distributed-decode part.
+    #[arg(long, default_value_t = 4)]
+    pub cluster_shards: usize,
     /// Skip the distributed-decode part (expert workers as separate processes).
     #[arg(long)]
     pub no_cluster: bool,

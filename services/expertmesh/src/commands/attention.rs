@@ -22,6 +22,9 @@ pub struct EngineArgs {
     /// Deadline of one expert call, milliseconds (then the tokens go to another replica).
     #[arg(long, env = "EXPERTMESH_EXPERT_TIMEOUT_MS", default_value_t = 5000)]
     pub expert_timeout_ms: u64,
+    /// Send each expert call as its own RPC instead of on one long-lived stream per worker.
+    #[arg(long, env = "EXPERTMESH_UNARY_EXPERT_CALLS")]
+    pub unary_expert_calls: bool,
     /// Sequences decoded together at most.
     #[arg(long, env = "EXPERTMESH_MAX_RUNNING", default_value_t = 256)]
     pub max_running: usize,
@@ -57,6 +60,7 @@ impl EngineArgs {
         let cfg = model.config();
         let opts = RemoteOptions {
             wire: self.wire_dtype,
+            streaming: !self.unary_expert_calls,
             call_timeout: Duration::from_millis(self.expert_timeout_ms),
             topology,
             n_blocks: cfg.n_blocks(),
