@@ -61,6 +61,7 @@ impl EngineLoop {
             }
             self.drop_departed();
             self.admit();
+            self.publish();
             if !self.running.is_empty() {
                 self.step();
             }
@@ -243,6 +244,8 @@ impl EngineLoop {
     }
 
     fn publish(&self) {
+        self.stats.peak_running.fetch_max(self.running.len() as u64, Ordering::Relaxed);
+        self.stats.peak_kv_bytes_used.fetch_max(self.kv_used, Ordering::Relaxed);
         self.stats.running.store(self.running.len() as u64, Ordering::Relaxed);
         self.stats.waiting.store(self.waiting.len() as u64, Ordering::Relaxed);
         self.stats.kv_bytes_used.store(self.kv_used, Ordering::Relaxed);

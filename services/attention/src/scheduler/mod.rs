@@ -77,6 +77,9 @@ pub struct EngineStats {
     pub running: AtomicU64,
     pub waiting: AtomicU64,
     pub kv_bytes_used: AtomicU64,
+    /// Highest `kv_bytes_used` and running count seen (admission must keep them in bounds).
+    pub peak_kv_bytes_used: AtomicU64,
+    pub peak_running: AtomicU64,
     pub steps: AtomicU64,
     pub generated_tokens: AtomicU64,
     pub prompt_tokens: AtomicU64,
