@@ -173,3 +173,30 @@ async fn sixty_four_concurrent_sequences_each_equal_their_solo_run() {
     assert!(stats.steps * 2 < total, "{} steps for {total} tokens", stats.steps);
     assert_eq!((stats.running, stats.waiting, stats.kv_bytes_used), (0, 0, 0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_leaves_the_registry_at_once_and_drains_running_requests() {
+    let mut c = cluster(&["0-15", "0-15"]).await;
+    let reference = Reference::new();
+    let watcher = observer(&c.etcd);
+    let mut view = watcher.subscribe();
+    assert!(wait_for(&mut view, Duration::from_secs(10), |v| v.workers.len() == 3).await.0);
+
+    // An expert worker on SIGTERM withdraws at once (not after the 2 s TTL) and exits cleanly.
+    let gone = c.experts[1].id.clone();
+    let t = Instant::now();
+    assert!(c.experts[1].terminate(), "expert exits with success");
+    let (ok, _) = wait_for(&mut view, Duration::from_secs(5), |v| !v.workers.contains_key(&gone)).await;
+    assert!(ok && t.elapsed() < Duration::from_millis(1500), "withdrawn after {:?}", t.elapsed());
+
+    // The attention worker on SIGTERM finishes the request it is running, then exits.
+    let mut client = engine_client(&c.attention.endpoint).await;
+    let p = prompt(7, 6);
+    let running = tokio::spawn(async move { generate(&mut client, greedy_request(p, 60)).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let pid = c.attention.pid();
+    let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    let tokens = running.await.unwrap().expect("the running request completes during the drain");
+    assert_eq!(tokens, reference.greedy(&prompt(7, 6), 60));
+    assert!(c.attention.wait_success(), "attention worker exits with success");
+}
