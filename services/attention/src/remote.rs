@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tonic::Code;
 
-use crate::placement::{Placement, distance};
+use crate::placement::{Placement, PlacementOverride, distance};
 use crate::shard_link::ShardLink;
 
 /// A failed shard is ranked last for this long (it may have been a blip).
@@ -34,6 +34,8 @@ pub struct RemoteOptions {
     pub call_timeout: Duration,
     /// Send calls on one long-lived stream per worker (default) instead of one RPC each.
     pub streaming: bool,
+    /// Operator overrides of the placement the registry implies.
+    pub overrides: PlacementOverride,
     /// This worker's place (replicas close to it are preferred).
     pub topology: Topology,
     pub n_blocks: usize,
@@ -94,7 +96,7 @@ impl RemoteExperts {
         let view = self.view.borrow().clone();
         let mut cached = self.placement.lock().unwrap();
         if cached.0.as_ref().is_none_or(|v| !Arc::ptr_eq(v, &view)) {
-            let p = Placement::from_view(&view, self.opts.n_blocks, self.opts.n_experts);
+            let p = Placement::from_view(&view, self.opts.n_blocks, self.opts.n_experts, &self.opts.overrides);
             *cached = (Some(view), Arc::new(p));
         }
         cached.1.clone()

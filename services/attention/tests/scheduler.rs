@@ -89,9 +89,13 @@ fn queued_sequences_under_a_kv_budget_each_equal_their_solo_run() {
     let longest = state_bytes(&cfg, 30 + 12, false) as u64;
     let opts = EngineOptions { max_running: 8, prefill_chunk: 16, kv_budget_bytes: 3 * longest, max_waiting: 100 };
     let sched = s.scheduler(opts);
-    let requests: Vec<(Vec<u32>, usize)> = (0..12).map(|i| (prompt(i, 5 + (i as usize * 7) % 26), 4 + i as usize % 9)).collect();
-    let receivers: Vec<_> =
-        requests.iter().enumerate().map(|(i, (p, n))| sched.submit(params(&format!("r{i}"), p.clone(), *n)).unwrap()).collect();
+    let requests: Vec<(Vec<u32>, usize)> =
+        (0..12).map(|i| (prompt(i, 5 + (i as usize * 7) % 26), 4 + i as usize % 9)).collect();
+    let receivers: Vec<_> = requests
+        .iter()
+        .enumerate()
+        .map(|(i, (p, n))| sched.submit(params(&format!("r{i}"), p.clone(), *n)).unwrap())
+        .collect();
     for ((p, n), rx) in requests.iter().zip(receivers) {
         let (tokens, reason) = run(rx);
         assert_eq!(reason, FinishReason::Length);

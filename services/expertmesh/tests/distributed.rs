@@ -4,6 +4,7 @@
 mod common;
 
 use common::{Reference, WireSimulation, Worker, prompt};
+use expertmesh_attention::placement::PlacementOverride;
 use expertmesh_attention::{RemoteExperts, RemoteOptions};
 use expertmesh_model::engine::{ExpertBackend, LogitRows, Step};
 use expertmesh_runtime::registry::{HeldExperts, MemoryRegistry, Registry, Role, WorkerRecord};
@@ -42,12 +43,24 @@ fn remote(
     streaming: bool,
     r: &Reference,
 ) -> RemoteExperts {
+    remote_with(rt, reg, wire, streaming, r, PlacementOverride::default())
+}
+
+fn remote_with(
+    rt: &tokio::runtime::Runtime,
+    reg: &MemoryRegistry,
+    wire: WireDType,
+    streaming: bool,
+    r: &Reference,
+    overrides: PlacementOverride,
+) -> RemoteExperts {
     let cfg = r.model.config();
     let opts = RemoteOptions {
         wire,
         streaming,
         call_timeout: Duration::from_secs(10),
         topology: Default::default(),
+        overrides,
         n_blocks: cfg.n_blocks(),
         n_experts: cfg.n_routed_experts,
         dim: cfg.dim,
@@ -178,4 +191,31 @@ fn overlapping_replicas_give_the_same_result() {
     assert_eq!(tokens, ref_tokens);
     assert!(max_abs_diff(&got, &reference) <= 1e-4 * max_abs(&reference));
     assert_eq!(f32_remote.stats.retries.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn placement_overrides_exclude_workers_and_pin_experts() {
+    let r = Reference::new();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let reg = MemoryRegistry::new();
+    let (mut a, b) = (Worker::expert("0-15", &[]), Worker::expert("0-15", &[]));
+    register(&rt, &reg, &[(&a, (0..16).collect()), (&b, (0..16).collect())]);
+    let p = prompt(4, 12);
+    let (reference, _) = logits(&r, &*r.experts, &p);
+
+    // `a` excluded: killing it costs nothing, not even a retry.
+    let exclude = PlacementOverride::from_json(&format!(r#"{{"exclude": ["{}"]}}"#, a.id)).unwrap();
+    let drained = remote_with(&rt, &reg, WireDType::F32, true, &r, exclude);
+    a.kill9();
+    let (got, _) = logits(&r, &drained, &p);
+    assert!(max_abs_diff(&got, &reference) <= 1e-4 * max_abs(&reference));
+    assert_eq!(drained.stats.retries.load(Ordering::Relaxed), 0);
+
+    // Expert 0 pinned to the dead `a`: calls needing it fail as unavailable, naming it, although
+    // `b` holds it too.
+    let pin = PlacementOverride::from_json(&format!(r#"{{"pin": {{"0": ["{}"]}}}}"#, a.id)).unwrap();
+    let pinned = remote_with(&rt, &reg, WireDType::F32, true, &r, pin);
+    let mut state = r.model.new_sequence();
+    let err = r.model.forward(&mut [Step::new(&mut state, &p)], &pinned).err().expect("expert 0 is routed to");
+    assert!(err.to_string().contains("expert 0 is unavailable"), "{err}");
 }

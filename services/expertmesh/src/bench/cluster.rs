@@ -86,6 +86,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 streaming,
                 call_timeout: Duration::from_secs(30),
                 topology: Default::default(),
+                overrides: Default::default(),
                 n_blocks: cfg.n_blocks(),
                 n_experts: cfg.n_routed_experts,
                 dim: cfg.dim,

@@ -1,7 +1,8 @@
 //! `expertmesh attention`: serve the engine, reaching the expert workers found in the registry.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
+use expertmesh_attention::placement::PlacementOverride;
 use expertmesh_attention::worker::AttentionWorkerOptions;
 use expertmesh_attention::{EngineOptions, RemoteExperts, RemoteOptions, Scheduler};
 use expertmesh_model::engine::{LoadOptions, Model};
@@ -22,6 +23,9 @@ pub struct EngineArgs {
     /// Deadline of one expert call, milliseconds (then the tokens go to another replica).
     #[arg(long, env = "EXPERTMESH_EXPERT_TIMEOUT_MS", default_value_t = 5000)]
     pub expert_timeout_ms: u64,
+    /// JSON file of placement overrides: `{"pin": {"7": ["expert-a"]}, "exclude": ["expert-c"]}`.
+    #[arg(long, env = "EXPERTMESH_PLACEMENT")]
+    pub placement: Option<std::path::PathBuf>,
     /// Send each expert call as its own RPC instead of on one long-lived stream per worker.
     #[arg(long, env = "EXPERTMESH_UNARY_EXPERT_CALLS")]
     pub unary_expert_calls: bool,
@@ -49,6 +53,12 @@ impl EngineArgs {
         }
     }
 
+    pub fn overrides(&self) -> Result<PlacementOverride> {
+        let Some(path) = &self.placement else { return Ok(PlacementOverride::default()) };
+        let text = std::fs::read_to_string(path).with_context(|| format!("--placement {}", path.display()))?;
+        PlacementOverride::from_json(&text).map_err(|e| anyhow::anyhow!("--placement {}: {e}", path.display()))
+    }
+
     /// The engine over remote experts found through `registry`.
     pub fn scheduler(
         &self,
@@ -56,20 +66,22 @@ impl EngineArgs {
         registry: &dyn Registry,
         topology: Topology,
         rt: tokio::runtime::Handle,
-    ) -> (Arc<Scheduler>, Arc<RemoteExperts>) {
+    ) -> Result<(Arc<Scheduler>, Arc<RemoteExperts>)> {
+        let overrides = self.overrides()?;
         let cfg = model.config();
         let opts = RemoteOptions {
             wire: self.wire_dtype,
             streaming: !self.unary_expert_calls,
             call_timeout: Duration::from_millis(self.expert_timeout_ms),
             topology,
+            overrides,
             n_blocks: cfg.n_blocks(),
             n_experts: cfg.n_routed_experts,
             dim: cfg.dim,
         };
         let remote = Arc::new(RemoteExperts::new(rt, registry.subscribe(), opts));
         let scheduler = Arc::new(Scheduler::start(Arc::new(model), remote.clone(), self.engine_options()));
-        (scheduler, remote)
+        Ok((scheduler, remote))
     }
 }
 
@@ -97,7 +109,7 @@ pub fn run(a: AttentionArgs) -> Result<()> {
         let shutdown = Shutdown::new();
         tokio::spawn(shutdown.clone().on_signals());
         let (scheduler, remote) =
-            a.engine.scheduler(model, registry.as_ref(), a.serve.topology(), tokio::runtime::Handle::current());
+            a.engine.scheduler(model, registry.as_ref(), a.serve.topology(), tokio::runtime::Handle::current())?;
         let opts = AttentionWorkerOptions {
             listen: a.serve.listen.clone(),
             advertise: a.serve.advertise.clone(),

@@ -83,7 +83,7 @@ pub fn run(a: LocalArgs) -> Result<()> {
         }
         let resident = model.resident_bytes() as u64;
         let (scheduler, remote) =
-            a.engine.scheduler(model, registry.as_ref(), Topology::default(), tokio::runtime::Handle::current());
+            a.engine.scheduler(model, registry.as_ref(), Topology::default(), tokio::runtime::Handle::current())?;
         let attention_opts = AttentionWorkerOptions {
             listen: "127.0.0.1:0".into(),
             advertise: None,
