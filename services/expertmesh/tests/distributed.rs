@@ -216,6 +216,6 @@ fn placement_overrides_exclude_workers_and_pin_experts() {
     let pin = PlacementOverride::from_json(&format!(r#"{{"pin": {{"0": ["{}"]}}}}"#, a.id)).unwrap();
     let pinned = remote_with(&rt, &reg, WireDType::F32, true, &r, pin);
     let mut state = r.model.new_sequence();
-    let err = r.model.forward(&mut [Step::new(&mut state, &p)], &pinned).err().expect("expert 0 is routed to");
+    let err = r.model.forward(&mut [Step::new(&mut state, &p)], &pinned).expect_err("expert 0 is routed to");
     assert!(err.to_string().contains("expert 0 is unavailable"), "{err}");
 }
