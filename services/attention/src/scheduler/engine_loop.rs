@@ -108,13 +108,23 @@ impl EngineLoop {
     /// Callers that went away cancel their work.
     fn drop_departed(&mut self) {
         self.waiting.retain(|s| !s.events.is_closed());
+        let gone: Vec<bool> = self.running.iter().map(|s| s.sub.events.is_closed()).collect();
+        self.retire(&gone, |_| {});
+    }
+
+    /// Removes the running sequences marked in `mask` (indexed like `running`), releasing their
+    /// state budget; `last_words` runs on each first.
+    fn retire(&mut self, mask: &[bool], mut last_words: impl FnMut(&Sequence)) {
+        let mut i = 0;
         let mut freed = 0;
         self.running.retain(|s| {
-            let gone = s.sub.events.is_closed();
-            if gone {
+            let hit = mask[i];
+            i += 1;
+            if hit {
+                last_words(s);
                 freed += s.sub.state_bytes;
             }
-            !gone
+            !hit
         });
         self.kv_used -= freed;
     }
@@ -180,18 +190,9 @@ impl EngineLoop {
             Err(err) => {
                 // Every sequence in the step has an inconsistent state now: fail them all.
                 tracing::warn!(error = %err, sequences = plan.len(), "engine step failed");
-                let mut k = 0;
-                let mut freed = 0;
-                self.running.retain(|s| {
-                    let hit = in_step[k];
-                    k += 1;
-                    if hit {
-                        s.send(EngineEvent::Failed(err.clone()));
-                        freed += s.sub.state_bytes;
-                    }
-                    !hit
+                self.retire(&in_step, |s| {
+                    s.send(EngineEvent::Failed(err.clone()));
                 });
-                self.kv_used -= freed;
                 return;
             }
         };
@@ -230,17 +231,7 @@ impl EngineLoop {
                 done[*i] = true;
             }
         }
-        let mut k = 0;
-        let mut freed = 0;
-        self.running.retain(|s| {
-            let d = done[k];
-            k += 1;
-            if d {
-                freed += s.sub.state_bytes;
-            }
-            !d
-        });
-        self.kv_used -= freed;
+        self.retire(&done, |_| {});
     }
 
     fn publish(&self) {
