@@ -11,7 +11,7 @@ use expertmesh_model::ExpertError;
 use expertmesh_model::engine::{ExpertBackend, NO_EXPERT};
 use expertmesh_model::layers::router::Routes;
 use expertmesh_proto::v1::ForwardRequest;
-use expertmesh_runtime::registry::{RegistryView, Topology};
+use expertmesh_runtime::registry::{RegistryView, Role, Topology, WorkerRecord};
 use expertmesh_runtime::wire::{self, WireDType};
 use prost::Message;
 use std::collections::{BTreeMap, HashMap};
@@ -24,7 +24,7 @@ use tonic::Code;
 use crate::placement::{Placement, PlacementOverride, distance};
 use crate::shard_link::ShardLink;
 
-/// A failed shard is ranked last for this long (it may have been a blip).
+/// A failed shard is ranked last for at least this long (or the call timeout, if longer).
 const SUSPECT_FOR: Duration = Duration::from_secs(3);
 
 #[derive(Clone, Debug)]
@@ -61,11 +61,19 @@ pub struct RemoteExperts {
     rt: tokio::runtime::Handle,
     opts: RemoteOptions,
     view: watch::Receiver<Arc<RegistryView>>,
-    placement: Mutex<(Option<Arc<RegistryView>>, Arc<Placement>)>,
+    placement: Mutex<CachedPlacement>,
     links: Mutex<HashMap<String, Arc<ShardLink>>>,
     suspects: Mutex<HashMap<String, Instant>>,
     rotation: AtomicU64,
     pub stats: Arc<RemoteStats>,
+}
+
+#[derive(Default)]
+struct CachedPlacement {
+    view: Option<Arc<RegistryView>>,
+    /// The expert workers' records the placement was built from (load figures zeroed).
+    experts: Vec<WorkerRecord>,
+    placement: Arc<Placement>,
 }
 
 /// What one shard gets in one attempt.
@@ -83,7 +91,7 @@ impl RemoteExperts {
             rt,
             opts,
             view,
-            placement: Mutex::new((None, Arc::new(Placement::default()))),
+            placement: Mutex::new(CachedPlacement::default()),
             links: Mutex::new(HashMap::new()),
             suspects: Mutex::new(HashMap::new()),
             rotation: AtomicU64::new(0),
@@ -91,15 +99,28 @@ impl RemoteExperts {
         }
     }
 
-    /// The placement for the registry's current view (recomputed when the view changes).
+    /// The placement for the registry's current view. Rebuilt only when the expert workers'
+    /// records change (load updates of attention workers arrive several times a second); links
+    /// to workers that left are closed then.
     pub fn placement(&self) -> Arc<Placement> {
         let view = self.view.borrow().clone();
         let mut cached = self.placement.lock().unwrap();
-        if cached.0.as_ref().is_none_or(|v| !Arc::ptr_eq(v, &view)) {
-            let p = Placement::from_view(&view, self.opts.n_blocks, self.opts.n_experts, &self.opts.overrides);
-            *cached = (Some(view), Arc::new(p));
+        if cached.view.as_ref().is_some_and(|v| Arc::ptr_eq(v, &view)) {
+            return cached.placement.clone();
         }
-        cached.1.clone()
+        let experts: Vec<WorkerRecord> = view
+            .of_role(Role::Expert)
+            .map(|r| WorkerRecord { load: Default::default(), resident_bytes: 0, ..r.clone() })
+            .collect();
+        if cached.view.is_none() || experts != cached.experts {
+            let p = Placement::from_view(&view, self.opts.n_blocks, self.opts.n_experts, &self.opts.overrides);
+            let live: std::collections::HashSet<&str> = p.shards.iter().map(|s| s.endpoint.as_str()).collect();
+            self.links.lock().unwrap().retain(|endpoint, _| live.contains(endpoint.as_str()));
+            cached.placement = Arc::new(p);
+            cached.experts = experts;
+        }
+        cached.view = Some(view);
+        cached.placement.clone()
     }
 
     fn link(&self, endpoint: &str) -> Result<Arc<ShardLink>, String> {
@@ -239,7 +260,11 @@ impl ExpertBackend for RemoteExperts {
                         let shard = &placement.shards[c.shard];
                         tracing::warn!(shard = %shard.id, layer, reason = %why, "expert call failed; retrying on another replica");
                         failed[c.shard] = true;
-                        self.suspects.lock().unwrap().insert(shard.id.clone(), Instant::now() + SUSPECT_FOR);
+                        let suspect_for = SUSPECT_FOR.max(self.opts.call_timeout);
+                        self.suspects.lock().unwrap().insert(shard.id.clone(), Instant::now() + suspect_for);
+                        if let Some(link) = self.links.lock().unwrap().get(&shard.endpoint) {
+                            link.reset();
+                        }
                         stats.retries.fetch_add(1, Ordering::Relaxed);
                         pending.extend_from_slice(&c.slots);
                     }
@@ -278,7 +303,9 @@ async fn call_shard(
     stats.bytes_received.fetch_add(reply.encoded_len() as u64, Ordering::Relaxed);
     match wire::decode(reply.output.as_ref(), dim, "output") {
         Ok(m) if m.rows == rows => Outcome::Done(m.values),
-        Ok(m) => Outcome::Fatal(ExpertError::InvalidResponse(format!("{} rows for {rows} tokens", m.rows))),
-        Err(e) => Outcome::Fatal(ExpertError::InvalidResponse(e.to_string())),
+        // A worker answering nonsense (another checkpoint, a bug) is treated like a failed one:
+        // excluded, and its tokens go to another replica.
+        Ok(m) => Outcome::Failover(format!("invalid reply: {} rows for {rows} tokens", m.rows)),
+        Err(e) => Outcome::Failover(format!("invalid reply: {e}")),
     }
 }

@@ -8,6 +8,7 @@ use expertmesh_proto::v1::{
     TokenEvent,
 };
 use expertmesh_runtime::ServiceError;
+use expertmesh_runtime::shutdown::Shutdown;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,13 +20,15 @@ use crate::scheduler::{EngineEvent, FinishReason, GenerateParams, Scheduler};
 #[derive(Clone)]
 pub struct EngineServiceImpl {
     scheduler: Arc<Scheduler>,
+    /// Once triggered, new requests are refused (the worker is draining).
+    shutdown: Shutdown,
     next_id: Arc<AtomicU64>,
     worker_id: String,
 }
 
 impl EngineServiceImpl {
-    pub fn new(scheduler: Arc<Scheduler>, worker_id: String) -> Self {
-        EngineServiceImpl { scheduler, next_id: Arc::new(AtomicU64::new(0)), worker_id }
+    pub fn new(scheduler: Arc<Scheduler>, worker_id: String, shutdown: Shutdown) -> Self {
+        EngineServiceImpl { scheduler, shutdown, next_id: Arc::new(AtomicU64::new(0)), worker_id }
     }
 
     fn params(&self, r: GenerateRequest) -> Result<GenerateParams, ServiceError> {
@@ -86,6 +89,9 @@ impl EngineService for EngineServiceImpl {
     /// Dropping the returned stream (the caller went away) drops the receiver, which the engine
     /// notices before its next step and cancels the sequence.
     async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<EventStream>, Status> {
+        if self.shutdown.is_triggered() {
+            return Err(ServiceError::Unavailable(format!("{} is shutting down", self.worker_id)).into());
+        }
         let params = self.params(request.into_inner())?;
         let id = params.id.clone();
         let mut rx = self.scheduler.submit(params)?;
@@ -115,8 +121,8 @@ impl EngineService for EngineServiceImpl {
         if id.is_empty() {
             return Err(ServiceError::invalid("request_id", "empty").into());
         }
-        self.scheduler.cancel(&id);
-        Ok(Response::new(CancelResponse { found: true }))
+        let found = self.scheduler.cancel(&id).await.unwrap_or(false);
+        Ok(Response::new(CancelResponse { found }))
     }
 
     async fn get_stats(&self, _: Request<StatsRequest>) -> Result<Response<EngineStats>, Status> {

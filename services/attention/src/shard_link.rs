@@ -27,7 +27,8 @@ pub struct ShardLink {
 }
 
 struct CallStream {
-    tx: mpsc::UnboundedSender<ForwardRequest>,
+    /// Taken (dropped) to end the request stream: the worker then finishes and closes its side.
+    tx: Mutex<Option<mpsc::UnboundedSender<ForwardRequest>>>,
     pending: Mutex<HashMap<u64, oneshot::Sender<Reply>>>,
     next_id: AtomicU64,
     dead: AtomicBool,
@@ -36,6 +37,7 @@ struct CallStream {
 impl CallStream {
     fn fail_all(&self, status: Status) {
         self.dead.store(true, Ordering::SeqCst);
+        self.tx.lock().unwrap().take();
         for (_, tx) in self.pending.lock().unwrap().drain() {
             let _ = tx.send(Err(status.clone()));
         }
@@ -79,10 +81,19 @@ impl ShardLink {
         stream.pending.lock().unwrap().insert(id, tx);
         let _guard = PendingGuard(&stream, id);
         // Checked after registering: a stream that died in between has already drained.
-        if stream.dead.load(Ordering::SeqCst) || stream.tx.send(req).is_err() {
+        let sent = stream.tx.lock().unwrap().as_ref().is_some_and(|tx| tx.send(req).is_ok());
+        if stream.dead.load(Ordering::SeqCst) || !sent {
             return Err(Status::unavailable("call stream closed"));
         }
         rx.await.unwrap_or_else(|_| Err(Status::unavailable("call stream closed")))
+    }
+
+    /// Ends the current stream (after a timeout: a wedged stream must not take more calls);
+    /// its pending calls fail and the next call opens a new one.
+    pub fn reset(&self) {
+        if let Some(s) = self.stream.lock().unwrap().take() {
+            s.fail_all(Status::unavailable("call stream reset"));
+        }
     }
 
     fn stream(&self) -> Arc<CallStream> {
@@ -92,7 +103,7 @@ impl ShardLink {
         }
         let (tx, rx) = mpsc::unbounded_channel();
         let stream = Arc::new(CallStream {
-            tx,
+            tx: Mutex::new(Some(tx)),
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             dead: AtomicBool::new(false),
@@ -123,5 +134,11 @@ impl ShardLink {
         });
         *slot = Some(stream.clone());
         stream
+    }
+}
+
+impl Drop for ShardLink {
+    fn drop(&mut self) {
+        self.reset();
     }
 }

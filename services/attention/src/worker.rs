@@ -53,14 +53,16 @@ pub async fn start(
     let addr = listener.addr;
     let endpoint = serve::advertised_endpoint(addr, opts.advertise.as_deref());
     let id = opts.id.clone().unwrap_or_else(|| format!("attention-{}", addr.port()));
-    let service = EngineServiceImpl::new(scheduler.clone(), id.clone());
+    let service = EngineServiceImpl::new(scheduler.clone(), id.clone(), shutdown.clone());
     let (health, health_service) = tonic_health::server::health_reporter();
-    let is_ready = opts.ready.clone().unwrap_or_else(|| Arc::new(|| true));
+    let extra_ready = opts.ready.clone().unwrap_or_else(|| Arc::new(|| true));
+    let engine = scheduler.clone();
+    let is_ready = move || engine.is_alive() && extra_ready();
     // The status last published; the task below keeps it in step with `is_ready`.
     let mut ready = is_ready();
     set_health(&health, ready).await;
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(
+    let mut server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(health_service)
             .add_service(EngineServiceServer::new(service))
@@ -116,8 +118,14 @@ pub async fn start(
         while scheduler.load() != (0, 0) && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        // Whatever is left fails with UNAVAILABLE (the gateway resubmits it elsewhere); the
+        // engine thread ends after its current step, while the runtime it calls experts on lives.
+        let engine = scheduler.clone();
+        let _ = tokio::task::spawn_blocking(move || engine.stop()).await;
         let _ = drain_tx.send(());
-        let _ = tokio::time::timeout_at(deadline + Duration::from_millis(200), server).await;
+        if tokio::time::timeout(Duration::from_millis(500), &mut server).await.is_err() {
+            server.abort();
+        }
         info!(id = %task_id, "attention worker stopped");
         withdrawn
     });

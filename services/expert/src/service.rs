@@ -4,6 +4,7 @@ use expertmesh_model::engine::ExpertStore;
 use expertmesh_proto::v1::expert_service_server::ExpertService;
 use expertmesh_proto::v1::{CallError, ForwardRequest, ForwardResponse, ShardInfo, ShardInfoRequest};
 use expertmesh_runtime::ServiceError;
+use expertmesh_runtime::shutdown::Shutdown;
 use expertmesh_runtime::wire;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -22,6 +23,10 @@ pub struct ExpertServiceImpl {
 
 struct Inner {
     store: Arc<ExpertStore>,
+    /// Where the math runs (`None`: the global pool). Local mode gives expert workers their own
+    /// pool: the engine's threads block while they wait for expert replies.
+    pool: Option<Arc<rayon::ThreadPool>>,
+    shutdown: Shutdown,
     worker_id: String,
     max_tokens: usize,
     calls: AtomicU64,
@@ -29,16 +34,16 @@ struct Inner {
 }
 
 impl ExpertServiceImpl {
-    pub fn new(store: Arc<ExpertStore>, worker_id: String, max_tokens: usize) -> Self {
-        ExpertServiceImpl {
-            inner: Arc::new(Inner {
-                store,
-                worker_id,
-                max_tokens,
-                calls: AtomicU64::new(0),
-                tokens: AtomicU64::new(0),
-            }),
-        }
+    pub fn new(
+        store: Arc<ExpertStore>,
+        worker_id: String,
+        max_tokens: usize,
+        pool: Option<Arc<rayon::ThreadPool>>,
+        shutdown: Shutdown,
+    ) -> Self {
+        let inner =
+            Inner { store, pool, shutdown, worker_id, max_tokens, calls: AtomicU64::new(0), tokens: AtomicU64::new(0) };
+        ExpertServiceImpl { inner: Arc::new(inner) }
     }
 
     /// Calls and tokens served so far.
@@ -54,9 +59,13 @@ impl ExpertServiceImpl {
         let store = inner.store.clone();
         let (layer, tokens, dtype) = (call.layer, call.tokens, call.output_dtype);
         // The math runs on the compute pool; this task only waits.
-        rayon::spawn(move || {
+        let job = move || {
             let _ = tx.send(store.compute(call.layer, &call.hidden, &call.routes));
-        });
+        };
+        match &inner.pool {
+            Some(pool) => pool.spawn(job),
+            None => rayon::spawn(job),
+        }
         let out = rx
             .await
             .map_err(|_| ServiceError::Internal("compute task ended without a result".into()))?
@@ -78,7 +87,8 @@ impl ExpertService for ExpertServiceImpl {
     type ForwardStreamStream = ResponseStream;
 
     /// Each call on the stream runs as soon as it arrives; replies come back as they finish,
-    /// matched by `call_id`. A bad call fails only its own reply.
+    /// matched by `call_id`. A bad call fails only its own reply. On shutdown the stream stops
+    /// taking calls, answers those in flight, and ends (the engine reopens it elsewhere).
     async fn forward_stream(
         &self,
         request: Request<Streaming<ForwardRequest>>,
@@ -86,9 +96,14 @@ impl ExpertService for ExpertServiceImpl {
         let mut incoming = request.into_inner();
         let (tx, rx) = mpsc::channel(64);
         let this = self.clone();
+        let stopping = self.inner.shutdown.clone();
         tokio::spawn(async move {
-            while let Some(msg) = incoming.next().await {
-                let Ok(r) = msg else { break };
+            loop {
+                let msg = tokio::select! {
+                    m = incoming.next() => m,
+                    _ = stopping.wait() => None,
+                };
+                let Some(Ok(r)) = msg else { break };
                 let (this, tx) = (this.clone(), tx.clone());
                 tokio::spawn(async move {
                     let call_id = r.call_id;

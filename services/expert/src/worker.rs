@@ -29,6 +29,8 @@ pub struct ExpertWorkerOptions {
     pub max_tokens: usize,
     /// How long shutdown waits for in-flight calls.
     pub drain: Duration,
+    /// Compute pool for this worker's math (`None`: the process's global pool).
+    pub pool: Option<Arc<rayon::ThreadPool>>,
 }
 
 pub struct RunningExpertWorker {
@@ -68,7 +70,8 @@ pub async fn start(
     let addr = listener.addr;
     let endpoint = serve::advertised_endpoint(addr, opts.advertise.as_deref());
     let id = opts.id.clone().unwrap_or_else(|| format!("expert-{}", addr.port()));
-    let service = ExpertServiceImpl::new(store.clone(), id.clone(), opts.max_tokens);
+    let service =
+        ExpertServiceImpl::new(store.clone(), id.clone(), opts.max_tokens, opts.pool.clone(), shutdown.clone());
     let record = WorkerRecord {
         id: id.clone(),
         role: Role::Expert,
@@ -86,7 +89,7 @@ pub async fn start(
     let stopping = shutdown.clone();
     let router = tonic::transport::Server::builder().add_service(health_service).add_service(grpc);
     let (drain_start_tx, drain_start_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(router.serve_with_incoming_shutdown(listener.incoming, async move {
+    let mut server = tokio::spawn(router.serve_with_incoming_shutdown(listener.incoming, async move {
         let _ = drain_start_rx.await;
     }));
     registry.announce(record).await?;
@@ -100,11 +103,14 @@ pub async fn start(
         health.set_not_serving::<ExpertServiceServer<ExpertServiceImpl>>().await;
         let withdrawn = registry.withdraw(&task_id).await;
         let _ = drain_start_tx.send(());
-        match tokio::time::timeout(opts.drain, server).await {
+        match tokio::time::timeout(opts.drain, &mut server).await {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(e))) => return Err(ServiceError::Internal(format!("server: {e}"))),
             Ok(Err(e)) => return Err(ServiceError::Internal(format!("server task: {e}"))),
-            Err(_) => tracing::warn!(id = %task_id, "drain deadline passed with calls in flight"),
+            Err(_) => {
+                tracing::warn!(id = %task_id, "drain deadline passed with calls in flight; closing");
+                server.abort();
+            }
         }
         info!(id = %task_id, "expert worker stopped");
         withdrawn

@@ -182,7 +182,13 @@ async fn sigterm_leaves_the_registry_at_once_and_drains_running_requests() {
     let mut view = watcher.subscribe();
     assert!(wait_for(&mut view, Duration::from_secs(10), |v| v.workers.len() == 3).await.0);
 
-    // An expert worker on SIGTERM withdraws at once (not after the 2 s TTL) and exits cleanly.
+    // Requests open the engine's call streams to both expert workers.
+    let mut client = engine_client(&c.attention.endpoint).await;
+    for i in 0..4 {
+        generate(&mut client, greedy_request(prompt(40 + i, 6), 4)).await.unwrap();
+    }
+    // An expert worker on SIGTERM withdraws at once (not after the 2 s TTL), ends its open call
+    // streams, and exits cleanly well before its 2 s drain deadline.
     let gone = c.experts[1].id.clone();
     let t = Instant::now();
     assert!(c.experts[1].terminate(), "expert exits with success");
@@ -190,7 +196,6 @@ async fn sigterm_leaves_the_registry_at_once_and_drains_running_requests() {
     assert!(ok && t.elapsed() < Duration::from_millis(1500), "withdrawn after {:?}", t.elapsed());
 
     // The attention worker on SIGTERM finishes the request it is running, then exits.
-    let mut client = engine_client(&c.attention.endpoint).await;
     let p = prompt(7, 6);
     let running = tokio::spawn(async move { generate(&mut client, greedy_request(p, 60)).await });
     tokio::time::sleep(Duration::from_millis(50)).await;

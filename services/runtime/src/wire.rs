@@ -94,7 +94,7 @@ pub fn decode(t: Option<&Tensor>, cols: usize, field: &str) -> Result<Matrix, Se
                 "{} bytes, but shape {:?} of {dtype:?} needs {}",
                 t.data.len(),
                 t.shape,
-                rows * c * dtype.bytes() as u64
+                expected.map_or("more than 2^64".to_string(), |n| n.to_string())
             ),
         ));
     }

@@ -73,8 +73,11 @@ impl EngineLoop {
     fn handle(&mut self, m: Msg) -> bool {
         match m {
             Msg::Submit(sub) => self.waiting.push_back(*sub),
-            Msg::Cancel(id) => {
-                if let Some(i) = self.waiting.iter().position(|s| s.params.id == id) {
+            Msg::Cancel(id, found) => {
+                let queued = self.waiting.iter().position(|s| s.params.id == id);
+                let running = self.running.iter().position(|s| s.id() == id);
+                let _ = found.send(queued.is_some() || running.is_some());
+                if let Some(i) = queued {
                     let sub = self.waiting.remove(i).unwrap();
                     let _ = sub.events.send(EngineEvent::Finished {
                         reason: FinishReason::Cancelled,
@@ -82,7 +85,7 @@ impl EngineLoop {
                         completion_tokens: 0,
                     });
                 }
-                if let Some(i) = self.running.iter().position(|s| s.id() == id) {
+                if let Some(i) = running {
                     let seq = self.running.swap_remove(i);
                     seq.finish(FinishReason::Cancelled);
                     self.kv_used -= seq.sub.state_bytes;

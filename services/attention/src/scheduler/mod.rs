@@ -67,7 +67,8 @@ pub type EventReceiver = tokio_mpsc::UnboundedReceiver<EngineEvent>;
 
 enum Msg {
     Submit(Box<sequence::Submission>),
-    Cancel(String),
+    /// Cancel by request id; the reply says whether it was found.
+    Cancel(String, tokio::sync::oneshot::Sender<bool>),
     Stop,
 }
 
@@ -92,7 +93,7 @@ pub struct Scheduler {
     max_context: usize,
     vocab: usize,
     state_bytes: Box<dyn Fn(usize) -> u64 + Send + Sync>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl Scheduler {
@@ -115,7 +116,7 @@ impl Scheduler {
             max_context,
             vocab,
             state_bytes: Box::new(move |tokens| state_bytes(&cfg, tokens, false) as u64),
-            thread: Some(thread),
+            thread: std::sync::Mutex::new(Some(thread)),
         }
     }
 
@@ -175,8 +176,25 @@ impl Scheduler {
         (p.prompt.len() + p.max_tokens).min(self.max_context)
     }
 
-    pub fn cancel(&self, id: &str) {
-        let _ = self.tx.send(Msg::Cancel(id.to_string()));
+    /// Cancels a queued or running request; resolves to whether it was found.
+    pub fn cancel(&self, id: &str) -> tokio::sync::oneshot::Receiver<bool> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let _ = self.tx.send(Msg::Cancel(id.to_string(), tx));
+        rx
+    }
+
+    /// False once the engine thread has ended (stopped, or died of a bug).
+    pub fn is_alive(&self) -> bool {
+        self.thread.lock().unwrap().as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// Fails whatever is still queued or running with UNAVAILABLE and ends the engine thread
+    /// (after the step in progress). Blocks until it has ended; idempotent.
+    pub fn stop(&self) {
+        let _ = self.tx.send(Msg::Stop);
+        if let Some(t) = self.thread.lock().unwrap().take() {
+            let _ = t.join();
+        }
     }
 
     pub fn load(&self) -> (u64, u64) {
@@ -186,9 +204,6 @@ impl Scheduler {
 
 impl Drop for Scheduler {
     fn drop(&mut self) {
-        let _ = self.tx.send(Msg::Stop);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.stop();
     }
 }

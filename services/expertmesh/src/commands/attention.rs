@@ -75,7 +75,8 @@ impl EngineArgs {
             call_timeout: Duration::from_millis(self.expert_timeout_ms),
             topology,
             overrides,
-            n_blocks: cfg.n_blocks(),
+            // The blocks this engine runs (MTP only when loaded): readiness needs exactly these.
+            n_blocks: if model.has_mtp() { cfg.n_blocks() } else { cfg.n_layers },
             n_experts: cfg.n_routed_experts,
             dim: cfg.dim,
         };
@@ -121,8 +122,8 @@ pub fn run(a: AttentionArgs) -> Result<()> {
         };
         let worker = expertmesh_attention::worker::start(scheduler, opts, registry.clone(), shutdown).await?;
         println!("attention worker {} listening on {}", worker.id, worker.endpoint);
-        worker.task.await??;
+        let result = worker.task.await;
         registry.close().await;
-        Ok(())
+        Ok(result??)
     })
 }

@@ -57,6 +57,7 @@ pub fn run(a: ExpertArgs) -> Result<()> {
             selection,
             max_tokens: a.max_tokens_per_call,
             drain: a.serve.drain(),
+            pool: None,
         };
         let worker = expertmesh_expert::start(store.clone(), opts, registry.clone(), shutdown).await?;
         // Scripts and tests read this line to learn the port.
@@ -67,8 +68,8 @@ pub fn run(a: ExpertArgs) -> Result<()> {
             store.held().count(),
             store.resident_bytes()
         );
-        worker.task.await??;
+        let result = worker.task.await;
         registry.close().await;
-        Ok(())
+        Ok(result??)
     })
 }

@@ -67,6 +67,10 @@ pub fn run(a: LocalArgs) -> Result<()> {
         let registry: Arc<dyn Registry> = Arc::new(MemoryRegistry::new());
         let shutdown = Shutdown::new();
         let mut experts = Vec::new();
+        // The expert workers' math gets its own pool: the engine's compute threads block while
+        // they wait for expert replies, and must not be the only threads that could answer.
+        let threads = rayon::current_num_threads();
+        let expert_pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(threads).thread_name(|i| format!("experts-{i}")).build()?);
         for (range, store) in stores {
             let opts = ExpertWorkerOptions {
                 listen: "127.0.0.1:0".into(),
@@ -76,6 +80,7 @@ pub fn run(a: LocalArgs) -> Result<()> {
                 selection: ExpertSelection::experts(range.clone()),
                 max_tokens: DEFAULT_MAX_TOKENS,
                 drain: Duration::from_secs(5),
+                pool: Some(expert_pool.clone()),
             };
             let w = expertmesh_expert::start(store, opts, registry.clone(), shutdown.clone()).await?;
             eprintln!("expert worker {} holds experts {range:?} at {}", w.id, w.endpoint);

@@ -57,7 +57,8 @@ pub struct EtcdRegistry {
 impl EtcdRegistry {
     /// Starts the session thread and returns at once; the first sync happens in the background
     /// (use [`super::wait_for`] or [`Registry::status`] to wait for it).
-    pub fn start(opts: EtcdOptions) -> Result<Self, ServiceError> {
+    pub fn start(mut opts: EtcdOptions) -> Result<Self, ServiceError> {
+        opts.ttl = opts.ttl.max(Duration::from_secs(1));
         if opts.endpoints.is_empty() {
             return Err(ServiceError::invalid("etcd", "no endpoints given"));
         }
@@ -69,7 +70,16 @@ impl EtcdRegistry {
             .name("etcd-registry".into())
             .spawn(move || {
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("registry runtime");
-                rt.block_on(Session { opts, rx, view_tx, status: session_status, own: BTreeMap::new() }.run());
+                let session = Session {
+                    opts,
+                    rx,
+                    view_tx,
+                    status: session_status,
+                    own: BTreeMap::new(),
+                    lease: None,
+                    stale_leases: Vec::new(),
+                };
+                rt.block_on(session.run());
             })
             .map_err(|e| ServiceError::Internal(format!("starting the etcd registry thread: {e}")))?;
         Ok(EtcdRegistry { cmds, view, status })
@@ -126,6 +136,11 @@ struct Session {
     status: Arc<StatusCell>,
     /// This process's records, re-put after every reconnect.
     own: BTreeMap<String, WorkerRecord>,
+    /// The current session's lease.
+    lease: Option<i64>,
+    /// Leases of lost sessions. etcd may still hold them (the client lost etcd, not etcd the
+    /// lease), with records withdrawn meanwhile: revoked as soon as etcd is reachable again.
+    stale_leases: Vec<i64>,
 }
 
 fn lost(what: &str) -> impl FnOnce(etcd_client::Error) -> String + '_ {
@@ -139,9 +154,11 @@ impl Session {
             match self.connected().await {
                 End::Closed => return,
                 End::Lost(why) => {
+                    self.stale_leases.extend(self.lease.take());
                     // Warn once per outage; the retries while it lasts are debug noise.
                     if self.status.snapshot().connected {
                         warn!(reason = %why, "etcd session lost; serving on the last known view");
+                        backoff = Duration::from_millis(100);
                     } else {
                         tracing::debug!(reason = %why, "etcd still unreachable");
                     }
@@ -156,7 +173,11 @@ impl Session {
                 tokio::select! {
                     _ = &mut deadline => break,
                     cmd = self.rx.recv() => match cmd {
-                        None | Some(Command::Close(_)) => return,
+                        None | Some(Command::Close(_)) => {
+                            // One bounded attempt to take our records out now rather than at TTL.
+                            let _ = tokio::time::timeout(self.opts.request_timeout * 2, self.revoke_stale()).await;
+                            return;
+                        }
                         Some(Command::Announce(r, reply)) => {
                             self.own.insert(r.id.clone(), r);
                             let _ = reply.send(Ok(()));
@@ -169,6 +190,18 @@ impl Session {
                 }
             }
             backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// Revokes the leases of lost sessions (best effort).
+    async fn revoke_stale(&mut self) {
+        if self.stale_leases.is_empty() {
+            return;
+        }
+        if let Ok(mut client) = self.connect().await {
+            for lease in std::mem::take(&mut self.stale_leases) {
+                let _ = client.lease_revoke(lease).await;
+            }
         }
     }
 
@@ -212,10 +245,16 @@ impl Session {
             Ok(r) => r.id(),
             Err(e) => return End::Lost(format!("lease grant: {e}")),
         };
+        self.lease = Some(lease);
         for record in self.own.values() {
             if let Err(e) = self.put(&mut client, lease, record).await {
                 return End::Lost(e);
             }
+        }
+        // Our records now hang on the new lease; the old ones may go (with anything withdrawn
+        // while we were away).
+        for old in std::mem::take(&mut self.stale_leases) {
+            let _ = client.lease_revoke(old).await;
         }
         let prefix = self.opts.workers_prefix();
         let listed = match client.get(prefix.clone(), Some(GetOptions::new().with_prefix())).await {
