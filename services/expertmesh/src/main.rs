@@ -27,6 +27,8 @@ enum Command {
     /// The whole cluster in one process (expert workers + attention worker over loopback gRPC),
     /// answering one request.
     Local(commands::local::LocalArgs),
+    /// The OpenAI-compatible HTTP API in front of the attention workers.
+    Gateway(commands::gateway::GatewayCommand),
     /// Serve a shard of the routed experts.
     Expert(commands::expert::ExpertArgs),
     /// Serve the engine (attention, scheduler, sampling), reaching experts through the registry.
@@ -52,6 +54,7 @@ fn main() {
         Command::Bench(args) => on_compute_pool(move || bench::run(args)),
         Command::Local(args) => commands::local::run(args),
         Command::Expert(args) => commands::expert::run(args),
+        Command::Gateway(args) => commands::gateway::run(args),
         Command::Attention(args) => commands::attention::run(args),
     };
     if let Err(e) = result {

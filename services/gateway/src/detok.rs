@@ -56,8 +56,9 @@ impl<'t> IncrementalDecoder<'t> {
 pub enum StopOutcome {
     /// Text safe to emit now.
     Continue(String),
-    /// A stop string completed: emit this text (what preceded it) and end the stream.
-    Stopped(String),
+    /// A stop string completed: `before` is the text that preceded it (emit it and end the
+    /// stream); `after` is what followed it in the same push (for splitters that go on).
+    Stopped { before: String, after: String },
 }
 
 pub struct StopMatcher {
@@ -72,10 +73,11 @@ impl StopMatcher {
 
     pub fn push(&mut self, text: &str) -> StopOutcome {
         self.held.push_str(text);
-        if let Some(at) = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min() {
+        if let Some((at, len)) = self.stops.iter().filter_map(|s| self.held.find(s.as_str()).map(|i| (i, s.len()))).min() {
             let before = self.held[..at].to_string();
+            let after = self.held[at + len..].to_string();
             self.held.clear();
-            return StopOutcome::Stopped(before);
+            return StopOutcome::Stopped { before, after };
         }
         // Hold back the longest tail that some stop string starts with.
         let keep = self
@@ -105,7 +107,7 @@ mod tests {
         for p in pieces {
             match m.push(p) {
                 StopOutcome::Continue(t) => out += &t,
-                StopOutcome::Stopped(t) => return (out + &t, true),
+                StopOutcome::Stopped { before, .. } => return (out + &before, true),
             }
         }
         (out + &m.finish(), false)
@@ -120,6 +122,9 @@ mod tests {
         // The earliest of several stops wins; multi-byte text is cut on character boundaries.
         assert_eq!(run(&["世界", "b"], &["你好世", "界b"]), ("你好".into(), true));
         assert_eq!(run(&[], &["a", "b"]), ("ab".into(), false));
+        let mut m = StopMatcher::new(["</think>".to_string()]);
+        assert_eq!(m.push("reason</th"), StopOutcome::Continue("reason".into()));
+        assert_eq!(m.push("ink>The answer"), StopOutcome::Stopped { before: String::new(), after: "The answer".into() });
     }
 
     #[test]

@@ -4,6 +4,10 @@
 
 pub mod chat;
 pub mod detok;
+pub mod generation;
+pub mod openai;
+pub mod router;
+pub mod server;
 pub mod tokenizer;
 
 pub use chat::{ChatOptions, Message, ThinkingMode, encode_chat};

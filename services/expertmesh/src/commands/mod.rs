@@ -1,6 +1,7 @@
 pub mod attention;
 pub mod cluster;
 pub mod expert;
+pub mod gateway;
 pub mod generate;
 pub mod local;
 pub mod model;
@@ -22,6 +23,10 @@ pub struct ModelSource {
     /// Seed of the generated preset.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
+    /// Vocabulary of the generated preset (e.g. 129280, DeepSeek's, to serve text through the
+    /// real tokenizer; the tiny preset has 4096).
+    #[arg(long, env = "EXPERTMESH_VOCAB_SIZE", conflicts_with = "model")]
+    pub vocab_size: Option<usize>,
 }
 
 impl ModelSource {
@@ -33,7 +38,12 @@ impl ModelSource {
                 if !matches!(preset, Preset::Tiny | Preset::Micro) {
                     bail!("only tiny and micro can be generated in memory; pass --model DIR for {preset}");
                 }
-                Ok(in_memory(&preset.config(), self.seed, InitDtype::Bf16)?)
+                let mut cfg = preset.config();
+                if let Some(v) = self.vocab_size {
+                    cfg.vocab_size = v;
+                    cfg.validate()?;
+                }
+                Ok(in_memory(&cfg, self.seed, InitDtype::Bf16)?)
             }
         }
     }

@@ -1,0 +1,87 @@
+//! `expertmesh gateway`: the OpenAI-compatible HTTP API in front of the attention workers found
+//! in the registry.
+
+use anyhow::{Context, Result};
+use clap::Args;
+use expertmesh_gateway::openai::{AppState, Limits};
+use expertmesh_gateway::router::EngineRouter;
+use expertmesh_gateway::{Tokenizer, server};
+use expertmesh_runtime::registry::Registry;
+use expertmesh_runtime::shutdown::Shutdown;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::cluster::{RegistryArgs, init_logging, runtime};
+
+#[derive(Args, Clone, Debug)]
+pub struct GatewayArgs {
+    /// The model's `tokenizer.json` (Hugging Face format).
+    #[arg(long, env = "EXPERTMESH_TOKENIZER")]
+    pub tokenizer: PathBuf,
+    /// HTTP address (port 0 picks a free port; the bound address is printed).
+    #[arg(long, env = "EXPERTMESH_HTTP_LISTEN", default_value = "0.0.0.0:8000")]
+    pub http_listen: String,
+    /// The model name clients use (`model` in requests, `/v1/models`).
+    #[arg(long, env = "EXPERTMESH_MODEL_NAME", default_value = "deepseek-v4")]
+    pub model_name: String,
+    /// Accepted API keys (`Authorization: Bearer KEY`), comma separated; none = open.
+    #[arg(long, env = "EXPERTMESH_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    pub api_keys: Vec<String>,
+    /// Requests handled at once; more are answered 429.
+    #[arg(long, env = "EXPERTMESH_MAX_CONCURRENT", default_value_t = 1024)]
+    pub max_concurrent: usize,
+    /// Largest `max_tokens` accepted.
+    #[arg(long, env = "EXPERTMESH_MAX_TOKENS_LIMIT", default_value_t = 32768)]
+    pub max_tokens_limit: u32,
+    /// Largest prompt accepted, tokens.
+    #[arg(long, env = "EXPERTMESH_MAX_PROMPT_TOKENS", default_value_t = 65536)]
+    pub max_prompt_tokens: usize,
+    /// End-of-sequence token id (generation stops there).
+    #[arg(long, env = "EXPERTMESH_EOS_TOKEN_ID", default_value_t = 1)]
+    pub eos_token_id: u32,
+}
+
+impl GatewayArgs {
+    pub fn state(&self, registry: &dyn Registry) -> Result<Arc<AppState>> {
+        let tokenizer = Tokenizer::from_file(&self.tokenizer).with_context(|| "--tokenizer")?;
+        let limits = Limits {
+            max_tokens: self.max_tokens_limit,
+            max_prompt_tokens: self.max_prompt_tokens,
+            max_concurrent: self.max_concurrent,
+            ..Limits::default()
+        };
+        Ok(Arc::new(AppState {
+            engines: Arc::new(EngineRouter::new(registry.subscribe())),
+            tokenizer: Arc::new(tokenizer),
+            model: self.model_name.clone(),
+            slots: Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent)),
+            limits,
+            api_keys: self.api_keys.clone(),
+            stop_ids: vec![self.eos_token_id],
+        }))
+    }
+}
+
+#[derive(Args)]
+pub struct GatewayCommand {
+    #[command(flatten)]
+    gateway: GatewayArgs,
+    #[command(flatten)]
+    registry: RegistryArgs,
+}
+
+pub fn run(a: GatewayCommand) -> Result<()> {
+    init_logging();
+    let rt = runtime()?;
+    rt.block_on(async {
+        let registry = a.registry.build()?;
+        let state = a.gateway.state(registry.as_ref())?;
+        let shutdown = Shutdown::new();
+        tokio::spawn(shutdown.clone().on_signals());
+        let gw = server::start(state, &a.gateway.http_listen, shutdown).await?;
+        println!("gateway listening on {}", gw.url);
+        let result = gw.task.await;
+        registry.close().await;
+        Ok(result??)
+    })
+}

@@ -1,0 +1,121 @@
+//! One generation that survives the loss of its attention worker: if the worker dies or goes
+//! away mid-stream, the prompt plus the tokens generated so far are resubmitted to another worker
+//! with the remaining budget, and the stream continues — no token lost, none repeated.
+
+use expertmesh_proto::v1::generate_event::Event;
+use expertmesh_proto::v1::{FinishReason, GenerateRequest, SamplingParams};
+use expertmesh_runtime::ServiceError;
+use std::collections::HashSet;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tonic::Code;
+
+use crate::router::EngineRouter;
+
+/// Resubmissions after worker failures, at most.
+const MAX_RESUBMITS: usize = 3;
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum GenEvent {
+    Token { id: u32, logprob: Option<f32> },
+    Finished { reason: FinishReason, prompt_tokens: u32, completion_tokens: u32 },
+}
+
+#[derive(Clone, Debug)]
+pub struct GenRequest {
+    pub prompt: Vec<u32>,
+    pub sampling: SamplingParams,
+}
+
+/// Starts the generation; events arrive on the receiver (dropping it cancels the work: the
+/// engine stream is dropped, which the engine notices).
+pub fn start(router: Arc<EngineRouter>, req: GenRequest) -> mpsc::Receiver<Result<GenEvent, ServiceError>> {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        let result = drive(&router, req, &tx).await;
+        if let Err(e) = result {
+            let _ = tx.send(Err(e)).await;
+        }
+    });
+    rx
+}
+
+/// Worth trying another worker: the worker is gone or going, not the request being wrong.
+fn worker_failure(status: &tonic::Status) -> bool {
+    matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Aborted | Code::Internal)
+}
+
+async fn drive(
+    router: &EngineRouter,
+    req: GenRequest,
+    tx: &mpsc::Sender<Result<GenEvent, ServiceError>>,
+) -> Result<(), ServiceError> {
+    let max_tokens = req.sampling.max_tokens;
+    let mut generated: Vec<u32> = Vec::new();
+    let mut failed: HashSet<String> = HashSet::new();
+    let mut last_error = None;
+    for _attempt in 0..=MAX_RESUBMITS {
+        if generated.len() as u32 >= max_tokens {
+            // Every token arrived before the worker failed; only its final event was lost.
+            let finished = GenEvent::Finished {
+                reason: FinishReason::Length,
+                prompt_tokens: req.prompt.len() as u32,
+                completion_tokens: generated.len() as u32,
+            };
+            let _ = tx.send(Ok(finished)).await;
+            return Ok(());
+        }
+        let Some(mut lease) = router.pick(&failed) else {
+            return Err(last_error.unwrap_or_else(|| ServiceError::Unavailable("no attention worker is available".into())));
+        };
+        let mut prompt = req.prompt.clone();
+        prompt.extend_from_slice(&generated);
+        let sampling = SamplingParams { max_tokens: max_tokens - generated.len() as u32, ..req.sampling.clone() };
+        let request = GenerateRequest { request_id: String::new(), prompt_tokens: prompt, sampling: Some(sampling) };
+        let mut stream = match lease.client.generate(request).await {
+            Ok(s) => s.into_inner(),
+            Err(status) if worker_failure(&status) => {
+                tracing::warn!(worker = %lease.id, %status, "attention worker refused; trying another");
+                failed.insert(lease.id.clone());
+                last_error = Some(ServiceError::from(status));
+                continue;
+            }
+            Err(status) => return Err(status.into()),
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(ev)) => match ev.event {
+                    Some(Event::Token(t)) => {
+                        generated.push(t.token_id);
+                        if tx.send(Ok(GenEvent::Token { id: t.token_id, logprob: t.logprob })).await.is_err() {
+                            return Ok(()); // the caller went away; dropping the stream cancels
+                        }
+                    }
+                    Some(Event::Finished(f)) => {
+                        let finished = GenEvent::Finished {
+                            reason: f.reason(),
+                            prompt_tokens: req.prompt.len() as u32,
+                            completion_tokens: generated.len() as u32,
+                        };
+                        let _ = tx.send(Ok(finished)).await;
+                        return Ok(());
+                    }
+                    _ => {}
+                },
+                Ok(None) => {
+                    last_error = Some(ServiceError::Unavailable(format!("{} ended the stream early", lease.id)));
+                    break;
+                }
+                Err(status) if worker_failure(&status) => {
+                    tracing::warn!(worker = %lease.id, %status, tokens = generated.len(), "attention worker failed mid-stream; resubmitting");
+                    last_error = Some(ServiceError::from(status));
+                    break;
+                }
+                Err(status) => return Err(status.into()),
+            }
+        }
+        failed.insert(lease.id.clone());
+        drop(lease);
+    }
+    Err(last_error.unwrap_or_else(|| ServiceError::Unavailable("no attention worker is available".into())))
+}

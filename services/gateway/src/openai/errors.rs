@@ -1,0 +1,50 @@
+//! Errors in OpenAI's JSON shape (`{"error": {"message", "type", "param", "code"}}`) with the
+//! matching HTTP status — the one place service errors become HTTP responses.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use expertmesh_runtime::ServiceError;
+use serde_json::json;
+
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub kind: &'static str,
+    pub message: String,
+    pub param: Option<String>,
+}
+
+impl ApiError {
+    pub fn invalid(param: impl Into<String>, message: impl Into<String>) -> Self {
+        let param = param.into();
+        ApiError { status: StatusCode::BAD_REQUEST, kind: "invalid_request_error", message: format!("{param}: {}", message.into()), param: Some(param) }
+    }
+
+    pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status, kind, message: message.into(), param: None }
+    }
+
+    pub fn body(&self) -> serde_json::Value {
+        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status.as_u16().to_string()}})
+    }
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> Self {
+        match &e {
+            ServiceError::InvalidArgument { field, message } => ApiError::invalid(field.clone(), message.clone()),
+            ServiceError::NotFound(m) => ApiError::new(StatusCode::NOT_FOUND, "not_found_error", m.clone()),
+            ServiceError::ResourceExhausted(m) => ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", m.clone()),
+            ServiceError::Unavailable(m) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", m.clone()),
+            ServiceError::Cancelled(m) | ServiceError::DeadlineExceeded(m) | ServiceError::Internal(m) => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", m.clone())
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(self.body())).into_response()
+    }
+}

@@ -1,0 +1,431 @@
+//! Request handling: validate, tokenize, run `n` generations (each surviving worker failures),
+//! and answer as JSON or as an SSE stream.
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use expertmesh_proto::v1::{FinishReason, SamplingParams};
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::errors::ApiError;
+use super::requests::{ChatRequest, CompletionRequest, Prompt, Sampling, Thinking, parse};
+use super::text::{Delta, TextAssembler};
+use crate::chat::{ChatOptions, ReasoningEffort, ThinkingMode, encode_chat};
+use crate::generation::{self, GenEvent, GenRequest};
+use crate::router::EngineRouter;
+use crate::tokenizer::Tokenizer;
+
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub max_prompt_tokens: usize,
+    pub max_tokens: u32,
+    pub default_max_tokens: u32,
+    pub max_n: u32,
+    /// Requests handled at once; more get 429.
+    pub max_concurrent: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 4 << 20,
+            max_prompt_tokens: 65_536,
+            max_tokens: 32_768,
+            default_max_tokens: 256,
+            max_n: 8,
+            max_concurrent: 1024,
+        }
+    }
+}
+
+pub struct AppState {
+    pub engines: Arc<EngineRouter>,
+    pub tokenizer: Arc<Tokenizer>,
+    pub model: String,
+    pub limits: Limits,
+    /// Accepted `Authorization: Bearer` keys; empty = no authentication.
+    pub api_keys: Vec<String>,
+    /// Token ids that end generation (EOS).
+    pub stop_ids: Vec<u32>,
+    pub slots: Arc<Semaphore>,
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let limit = state.limits.max_body_bytes;
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(|| async { "ok" }))
+        .route("/ready", get(ready))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+async fn ready(State(s): State<Arc<AppState>>) -> Response {
+    if s.engines.workers() > 0 {
+        "ready".into_response()
+    } else {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", "no attention worker registered").into_response()
+    }
+}
+
+async fn models(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(e) = authorize(&s, &headers) {
+        return e.into_response();
+    }
+    axum::Json(json!({"object": "list", "data": [{"id": s.model, "object": "model", "created": 0, "owned_by": "expertmesh"}]}))
+        .into_response()
+}
+
+fn authorize(s: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    if s.api_keys.is_empty() {
+        return Ok(());
+    }
+    let key = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    match key {
+        Some(k) if s.api_keys.iter().any(|a| a == k) => Ok(()),
+        _ => Err(ApiError::new(StatusCode::UNAUTHORIZED, "authentication_error", "missing or invalid API key")),
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// What both endpoints need to run a request.
+struct Plan {
+    prompt: Vec<u32>,
+    sampling: SamplingParams,
+    n: u32,
+    stops: Vec<String>,
+    stream: bool,
+    include_usage: bool,
+    reasoning: bool,
+    tools: bool,
+}
+
+fn plan(s: &AppState, p: &Sampling, prompt: Vec<u32>) -> Result<Plan, ApiError> {
+    let l = &s.limits;
+    if let Some(m) = &p.model
+        && m != &s.model
+    {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found_error", format!("model {m:?} does not exist (serving {:?})", s.model)));
+    }
+    if prompt.is_empty() {
+        return Err(ApiError::invalid("prompt", "empty"));
+    }
+    if prompt.len() > l.max_prompt_tokens {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            format!("prompt: {} tokens exceed the limit of {}", prompt.len(), l.max_prompt_tokens),
+        ));
+    }
+    let max_tokens = p.max_completion_tokens.or(p.max_tokens).unwrap_or(l.default_max_tokens);
+    if max_tokens == 0 || max_tokens > l.max_tokens {
+        return Err(ApiError::invalid("max_tokens", format!("{max_tokens} is not in 1..={}", l.max_tokens)));
+    }
+    let n = p.n.unwrap_or(1);
+    if n == 0 || n > l.max_n {
+        return Err(ApiError::invalid("n", format!("{n} is not in 1..={}", l.max_n)));
+    }
+    let temperature = p.temperature.unwrap_or(1.0);
+    if !temperature.is_finite() || !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::invalid("temperature", format!("{temperature} is not in [0, 2]")));
+    }
+    let top_p = p.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::invalid("top_p", format!("{top_p} is not in (0, 1]")));
+    }
+    let stops = p.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
+    if stops.len() > 16 || stops.iter().any(|s| s.is_empty()) {
+        return Err(ApiError::invalid("stop", "at most 16 non-empty strings"));
+    }
+    Ok(Plan {
+        prompt,
+        sampling: SamplingParams {
+            temperature,
+            top_k: p.top_k.unwrap_or(0),
+            top_p,
+            seed: p.seed,
+            max_tokens,
+            stop_token_ids: s.stop_ids.clone(),
+            logprobs: false,
+        },
+        n,
+        stops,
+        stream: p.stream,
+        include_usage: p.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        reasoning: false,
+        tools: false,
+    })
+}
+
+async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let result = async {
+        authorize(&s, &headers)?;
+        let req: CompletionRequest = parse(&body)?;
+        let sampling: Sampling = parse(&body)?;
+        let prompt = match &req.prompt {
+            Prompt::Text(t) => s.tokenizer.encode(t).map_err(|e| ApiError::invalid("prompt", e.to_string()))?,
+            Prompt::Tokens(t) => t.clone(),
+        };
+        let plan = plan(&s, &sampling, prompt)?;
+        Ok::<_, ApiError>(plan)
+    }
+    .await;
+    match result {
+        Ok(plan) => run(s, plan, Kind::Completion).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn chat_completions(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let result = async {
+        authorize(&s, &headers)?;
+        let req: ChatRequest = parse(&body)?;
+        let sampling: Sampling = parse(&body)?;
+        if req.messages.is_empty() {
+            return Err(ApiError::invalid("messages", "empty"));
+        }
+        let thinking = match &req.thinking {
+            None => true,
+            Some(Thinking::Flag(b)) => *b,
+            Some(Thinking::Typed { kind }) => match kind.as_str() {
+                "enabled" => true,
+                "disabled" => false,
+                other => return Err(ApiError::invalid("thinking.type", format!("{other:?} is not enabled or disabled"))),
+            },
+        };
+        let reasoning_effort = match req.reasoning_effort.as_deref() {
+            None | Some("low") => ReasoningEffort::Low,
+            Some("high") | Some("medium") => ReasoningEffort::High,
+            Some("max") => ReasoningEffort::Max,
+            Some(other) => return Err(ApiError::invalid("reasoning_effort", format!("{other:?} is not low, high or max"))),
+        };
+        let tools = req.tools.clone().unwrap_or_default();
+        let opts = ChatOptions {
+            thinking: if thinking { ThinkingMode::Thinking } else { ThinkingMode::Chat },
+            drop_thinking: true,
+            reasoning_effort,
+            tools: tools.clone(),
+            response_format: None,
+        };
+        let text = encode_chat(&req.messages, &opts).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+        let prompt = s.tokenizer.encode(&text).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+        let mut plan = plan(&s, &sampling, prompt)?;
+        plan.reasoning = thinking;
+        plan.tools = !tools.is_empty();
+        Ok(plan)
+    }
+    .await;
+    match result {
+        Ok(plan) => run(s, plan, Kind::Chat).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Completion,
+    Chat,
+}
+
+fn finish_reason(reason: FinishReason, stopped_by_string: bool, tool_calls: bool) -> &'static str {
+    if tool_calls {
+        "tool_calls"
+    } else if stopped_by_string || reason == FinishReason::Stop {
+        "stop"
+    } else {
+        "length"
+    }
+}
+
+/// One choice's output so far.
+struct Choice<'t> {
+    text: TextAssembler<'t>,
+    reasoning: String,
+    content: String,
+    finish: Option<&'static str>,
+    completion_tokens: u32,
+}
+
+async fn run(s: Arc<AppState>, plan: Plan, kind: Kind) -> Response {
+    // Held until the response (or its stream) ends.
+    let Ok(permit) = s.slots.clone().try_acquire_owned() else {
+        return ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "too many requests in flight").into_response();
+    };
+    if s.engines.workers() == 0 {
+        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", "no attention worker is available").into_response();
+    }
+    // n independent generations; a fixed seed gives each choice its own stream (seed + index).
+    let mut merged = tokio_stream::StreamMap::new();
+    for i in 0..plan.n {
+        let mut sampling = plan.sampling.clone();
+        sampling.seed = plan.sampling.seed.map(|seed| seed.wrapping_add(i as u64));
+        let rx = generation::start(s.engines.clone(), GenRequest { prompt: plan.prompt.clone(), sampling });
+        merged.insert(i as usize, ReceiverStream::new(rx));
+    }
+    let id = format!("{}-{}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, now());
+    if plan.stream {
+        let (tx, rx) = mpsc::channel::<Bytes>(64);
+        tokio::spawn(stream_events(s.clone(), plan, kind, id, merged, tx, permit));
+        let body = Body::from_stream(ReceiverStream::new(rx).map(Ok::<_, std::convert::Infallible>));
+        return Response::builder()
+            .header(header::CONTENT_TYPE, "text/event-stream")
+            .header(header::CACHE_CONTROL, "no-cache")
+            .body(body)
+            .unwrap();
+    }
+    let tok = s.tokenizer.clone();
+    let mut choices: Vec<Choice> = (0..plan.n)
+        .map(|_| Choice {
+            text: TextAssembler::new(&tok, s.stop_ids.clone(), plan.stops.clone(), plan.reasoning, plan.tools),
+            reasoning: String::new(),
+            content: String::new(),
+            finish: None,
+            completion_tokens: 0,
+        })
+        .collect();
+    while let Some((i, ev)) = merged.next().await {
+        let c = &mut choices[i];
+        match ev {
+            Err(e) => return ApiError::from(e).into_response(),
+            Ok(GenEvent::Token { id, .. }) => {
+                c.completion_tokens += 1;
+                match c.text.push(id) {
+                    Ok(d) => {
+                        c.reasoning += &d.reasoning;
+                        c.content += &d.content;
+                    }
+                    Err(e) => return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", e.to_string()).into_response(),
+                }
+                if c.text.stopped {
+                    c.finish = Some("stop");
+                    merged.remove(&i); // stop generating this choice
+                }
+            }
+            Ok(GenEvent::Finished { reason, .. }) => {
+                if let Ok(d) = c.text.finish() {
+                    c.reasoning += &d.reasoning;
+                    c.content += &d.content;
+                }
+                let calls = !c.text.tool_calls().is_empty();
+                c.finish.get_or_insert(finish_reason(reason, c.text.stopped, calls));
+            }
+        }
+    }
+    drop(permit);
+    let completion_tokens: u32 = choices.iter().map(|c| c.completion_tokens).sum();
+    let usage = json!({"prompt_tokens": plan.prompt.len(), "completion_tokens": completion_tokens, "total_tokens": plan.prompt.len() as u32 + completion_tokens});
+    let body = match kind {
+        Kind::Completion => json!({
+            "id": id, "object": "text_completion", "created": now(), "model": s.model,
+            "choices": choices.iter().enumerate().map(|(i, c)| json!({"index": i, "text": c.content, "finish_reason": c.finish, "logprobs": null})).collect::<Vec<_>>(),
+            "usage": usage,
+        }),
+        Kind::Chat => json!({
+            "id": id, "object": "chat.completion", "created": now(), "model": s.model,
+            "choices": choices.iter().enumerate().map(|(i, c)| {
+                let calls = c.text.tool_calls();
+                let mut message = json!({"role": "assistant", "content": c.content});
+                if plan.reasoning { message["reasoning_content"] = json!(c.reasoning); }
+                if !calls.is_empty() { message["tool_calls"] = json!(calls); }
+                json!({"index": i, "message": message, "finish_reason": c.finish, "logprobs": null})
+            }).collect::<Vec<_>>(),
+            "usage": usage,
+        }),
+    };
+    axum::Json(body).into_response()
+}
+
+fn sse(value: &Value) -> Bytes {
+    Bytes::from(format!("data: {value}\n\n"))
+}
+
+async fn stream_events(
+    s: Arc<AppState>,
+    plan: Plan,
+    kind: Kind,
+    id: String,
+    mut merged: tokio_stream::StreamMap<usize, ReceiverStream<Result<GenEvent, expertmesh_runtime::ServiceError>>>,
+    tx: mpsc::Sender<Bytes>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+) {
+    let tok = s.tokenizer.clone();
+    let created = now();
+    let chunk = |i: usize, delta: &Delta, finish: Option<&str>, calls: Option<Vec<Value>>| -> Value {
+        match kind {
+            Kind::Completion => json!({"id": id, "object": "text_completion", "created": created, "model": s.model,
+                "choices": [{"index": i, "text": delta.content, "finish_reason": finish, "logprobs": null}]}),
+            Kind::Chat => {
+                let mut d = json!({});
+                if !delta.content.is_empty() { d["content"] = json!(delta.content); }
+                if !delta.reasoning.is_empty() { d["reasoning_content"] = json!(delta.reasoning); }
+                if let Some(calls) = calls { d["tool_calls"] = json!(calls.into_iter().enumerate().map(|(k, mut c)| { c["index"] = json!(k); c }).collect::<Vec<_>>()); }
+                json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": s.model,
+                    "choices": [{"index": i, "delta": d, "finish_reason": finish, "logprobs": null}]})
+            }
+        }
+    };
+    let mut texts: Vec<TextAssembler> =
+        (0..plan.n).map(|_| TextAssembler::new(&tok, s.stop_ids.clone(), plan.stops.clone(), plan.reasoning, plan.tools)).collect();
+    let mut completion_tokens = 0u32;
+    if kind == Kind::Chat {
+        for i in 0..plan.n as usize {
+            let first = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": s.model,
+                "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]});
+            if tx.send(sse(&first)).await.is_err() {
+                return;
+            }
+        }
+    }
+    while let Some((i, ev)) = merged.next().await {
+        let out = match ev {
+            Err(e) => {
+                let _ = tx.send(sse(&ApiError::from(e).body())).await;
+                return;
+            }
+            Ok(GenEvent::Token { id: token, .. }) => {
+                completion_tokens += 1;
+                let Ok(d) = texts[i].push(token) else { continue };
+                if texts[i].stopped {
+                    merged.remove(&i);
+                    Some(chunk(i, &d, Some("stop"), None))
+                } else if d.is_empty() {
+                    None
+                } else {
+                    Some(chunk(i, &d, None, None))
+                }
+            }
+            Ok(GenEvent::Finished { reason, .. }) => {
+                let d = texts[i].finish().unwrap_or_default();
+                let calls = texts[i].tool_calls();
+                let reason = finish_reason(reason, texts[i].stopped, !calls.is_empty());
+                Some(chunk(i, &d, Some(reason), (!calls.is_empty()).then_some(calls)))
+            }
+        };
+        if let Some(v) = out
+            && tx.send(sse(&v)).await.is_err()
+        {
+            return; // the client went away: dropping `merged` cancels the generations
+        }
+    }
+    if plan.include_usage {
+        let usage = json!({"id": id, "object": if kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" },
+            "created": created, "model": s.model, "choices": [],
+            "usage": {"prompt_tokens": plan.prompt.len(), "completion_tokens": completion_tokens, "total_tokens": plan.prompt.len() as u32 + completion_tokens}});
+        let _ = tx.send(sse(&usage)).await;
+    }
+    let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+}
