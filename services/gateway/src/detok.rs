@@ -73,7 +73,9 @@ impl StopMatcher {
 
     pub fn push(&mut self, text: &str) -> StopOutcome {
         self.held.push_str(text);
-        if let Some((at, len)) = self.stops.iter().filter_map(|s| self.held.find(s.as_str()).map(|i| (i, s.len()))).min() {
+        if let Some((at, len)) =
+            self.stops.iter().filter_map(|s| self.held.find(s.as_str()).map(|i| (i, s.len()))).min()
+        {
             let before = self.held[..at].to_string();
             let after = self.held[at + len..].to_string();
             self.held.clear();
@@ -124,7 +126,10 @@ mod tests {
         assert_eq!(run(&[], &["a", "b"]), ("ab".into(), false));
         let mut m = StopMatcher::new(["</think>".to_string()]);
         assert_eq!(m.push("reason</th"), StopOutcome::Continue("reason".into()));
-        assert_eq!(m.push("ink>The answer"), StopOutcome::Stopped { before: String::new(), after: "The answer".into() });
+        assert_eq!(
+            m.push("ink>The answer"),
+            StopOutcome::Stopped { before: String::new(), after: "The answer".into() }
+        );
     }
 
     #[test]

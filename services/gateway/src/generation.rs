@@ -66,7 +66,9 @@ async fn drive(
             return Ok(());
         }
         let Some(mut lease) = router.pick(&failed) else {
-            return Err(last_error.unwrap_or_else(|| ServiceError::Unavailable("no attention worker is available".into())));
+            return Err(
+                last_error.unwrap_or_else(|| ServiceError::Unavailable("no attention worker is available".into()))
+            );
         };
         let mut prompt = req.prompt.clone();
         prompt.extend_from_slice(&generated);

@@ -37,9 +37,15 @@ impl Worker {
     /// Starts `expertmesh <role> --preset tiny --seed 7 --listen 127.0.0.1:0 <args>` and waits for
     /// its "listening on" line.
     pub fn spawn(role: &str, args: &[&str]) -> Worker {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_expertmesh"))
-            .args([role, "--preset", "tiny", "--seed", SEED, "--listen", "127.0.0.1:0", "--drain-seconds", "2"])
-            .args(args)
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_expertmesh"));
+        cmd.args([role, "--preset", "tiny", "--seed", SEED, "--listen", "127.0.0.1:0", "--drain-seconds", "2"])
+            .args(args);
+        Self::start(&mut cmd, role)
+    }
+
+    fn start(cmd: &mut Command, role: &str) -> Worker {
+        let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        let mut child = cmd
             .env("EXPERTMESH_THREADS", "2")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
@@ -56,6 +62,11 @@ impl Worker {
         let endpoint = endpoint.split_whitespace().next().unwrap().to_string();
         let id = head.split_whitespace().last().unwrap().to_string();
         Worker { child, _stdout: stdout, endpoint, id }
+    }
+
+    /// Starts `expertmesh <role> <args>` (no model flags) and waits for its "listening on" line.
+    pub fn spawn_plain(role: &str, args: &[&str]) -> Worker {
+        Self::start(Command::new(env!("CARGO_BIN_EXE_expertmesh")).arg(role).args(args), role)
     }
 
     pub fn expert(experts: &str, args: &[&str]) -> Worker {

@@ -17,7 +17,12 @@ pub struct ApiError {
 impl ApiError {
     pub fn invalid(param: impl Into<String>, message: impl Into<String>) -> Self {
         let param = param.into();
-        ApiError { status: StatusCode::BAD_REQUEST, kind: "invalid_request_error", message: format!("{param}: {}", message.into()), param: Some(param) }
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            kind: "invalid_request_error",
+            message: format!("{param}: {}", message.into()),
+            param: Some(param),
+        }
     }
 
     pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
@@ -34,8 +39,12 @@ impl From<ServiceError> for ApiError {
         match &e {
             ServiceError::InvalidArgument { field, message } => ApiError::invalid(field.clone(), message.clone()),
             ServiceError::NotFound(m) => ApiError::new(StatusCode::NOT_FOUND, "not_found_error", m.clone()),
-            ServiceError::ResourceExhausted(m) => ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", m.clone()),
-            ServiceError::Unavailable(m) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", m.clone()),
+            ServiceError::ResourceExhausted(m) => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", m.clone())
+            }
+            ServiceError::Unavailable(m) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", m.clone())
+            }
             ServiceError::Cancelled(m) | ServiceError::DeadlineExceeded(m) | ServiceError::Internal(m) => {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", m.clone())
             }

@@ -75,7 +75,8 @@ async fn ready(State(s): State<Arc<AppState>>) -> Response {
     if s.engines.workers() > 0 {
         "ready".into_response()
     } else {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", "no attention worker registered").into_response()
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", "no attention worker registered")
+            .into_response()
     }
 }
 
@@ -83,8 +84,10 @@ async fn models(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Response 
     if let Err(e) = authorize(&s, &headers) {
         return e.into_response();
     }
-    axum::Json(json!({"object": "list", "data": [{"id": s.model, "object": "model", "created": 0, "owned_by": "expertmesh"}]}))
-        .into_response()
+    axum::Json(
+        json!({"object": "list", "data": [{"id": s.model, "object": "model", "created": 0, "owned_by": "expertmesh"}]}),
+    )
+    .into_response()
 }
 
 fn authorize(s: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -119,7 +122,11 @@ fn plan(s: &AppState, p: &Sampling, prompt: Vec<u32>) -> Result<Plan, ApiError> 
     if let Some(m) = &p.model
         && m != &s.model
     {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found_error", format!("model {m:?} does not exist (serving {:?})", s.model)));
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found_error",
+            format!("model {m:?} does not exist (serving {:?})", s.model),
+        ));
     }
     if prompt.is_empty() {
         return Err(ApiError::invalid("prompt", "empty"));
@@ -204,14 +211,18 @@ async fn chat_completions(State(s): State<Arc<AppState>>, headers: HeaderMap, bo
             Some(Thinking::Typed { kind }) => match kind.as_str() {
                 "enabled" => true,
                 "disabled" => false,
-                other => return Err(ApiError::invalid("thinking.type", format!("{other:?} is not enabled or disabled"))),
+                other => {
+                    return Err(ApiError::invalid("thinking.type", format!("{other:?} is not enabled or disabled")));
+                }
             },
         };
         let reasoning_effort = match req.reasoning_effort.as_deref() {
             None | Some("low") => ReasoningEffort::Low,
             Some("high") | Some("medium") => ReasoningEffort::High,
             Some("max") => ReasoningEffort::Max,
-            Some(other) => return Err(ApiError::invalid("reasoning_effort", format!("{other:?} is not low, high or max"))),
+            Some(other) => {
+                return Err(ApiError::invalid("reasoning_effort", format!("{other:?} is not low, high or max")));
+            }
         };
         let tools = req.tools.clone().unwrap_or_default();
         let opts = ChatOptions {
@@ -263,10 +274,16 @@ struct Choice<'t> {
 async fn run(s: Arc<AppState>, plan: Plan, kind: Kind) -> Response {
     // Held until the response (or its stream) ends.
     let Ok(permit) = s.slots.clone().try_acquire_owned() else {
-        return ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "too many requests in flight").into_response();
+        return ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "too many requests in flight")
+            .into_response();
     };
     if s.engines.workers() == 0 {
-        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", "no attention worker is available").into_response();
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            "no attention worker is available",
+        )
+        .into_response();
     }
     // n independent generations; a fixed seed gives each choice its own stream (seed + index).
     let mut merged = tokio_stream::StreamMap::new();
@@ -308,7 +325,10 @@ async fn run(s: Arc<AppState>, plan: Plan, kind: Kind) -> Response {
                         c.reasoning += &d.reasoning;
                         c.content += &d.content;
                     }
-                    Err(e) => return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", e.to_string()).into_response(),
+                    Err(e) => {
+                        return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", e.to_string())
+                            .into_response();
+                    }
                 }
                 if c.text.stopped {
                     c.finish = Some("stop");
@@ -370,16 +390,32 @@ async fn stream_events(
                 "choices": [{"index": i, "text": delta.content, "finish_reason": finish, "logprobs": null}]}),
             Kind::Chat => {
                 let mut d = json!({});
-                if !delta.content.is_empty() { d["content"] = json!(delta.content); }
-                if !delta.reasoning.is_empty() { d["reasoning_content"] = json!(delta.reasoning); }
-                if let Some(calls) = calls { d["tool_calls"] = json!(calls.into_iter().enumerate().map(|(k, mut c)| { c["index"] = json!(k); c }).collect::<Vec<_>>()); }
+                if !delta.content.is_empty() {
+                    d["content"] = json!(delta.content);
+                }
+                if !delta.reasoning.is_empty() {
+                    d["reasoning_content"] = json!(delta.reasoning);
+                }
+                if let Some(calls) = calls {
+                    d["tool_calls"] = json!(
+                        calls
+                            .into_iter()
+                            .enumerate()
+                            .map(|(k, mut c)| {
+                                c["index"] = json!(k);
+                                c
+                            })
+                            .collect::<Vec<_>>()
+                    );
+                }
                 json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": s.model,
                     "choices": [{"index": i, "delta": d, "finish_reason": finish, "logprobs": null}]})
             }
         }
     };
-    let mut texts: Vec<TextAssembler> =
-        (0..plan.n).map(|_| TextAssembler::new(&tok, s.stop_ids.clone(), plan.stops.clone(), plan.reasoning, plan.tools)).collect();
+    let mut texts: Vec<TextAssembler> = (0..plan.n)
+        .map(|_| TextAssembler::new(&tok, s.stop_ids.clone(), plan.stops.clone(), plan.reasoning, plan.tools))
+        .collect();
     let mut completion_tokens = 0u32;
     if kind == Kind::Chat {
         for i in 0..plan.n as usize {

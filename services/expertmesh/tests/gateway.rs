@@ -1,0 +1,281 @@
+//! The gateway end to end through real processes (gateway + attention + experts, real etcd, the
+//! real DeepSeek tokenizer, a tiny model with DeepSeek's vocabulary): HTTP chat and completions,
+//! streaming parsed as an SSE client would, text equal to decoding the in-process engine's
+//! tokens, failover of an attention worker mid-stream, and errors in OpenAI's shape.
+
+mod common;
+
+use common::Worker;
+use expertmesh_gateway::Tokenizer;
+use expertmesh_model::Preset;
+use expertmesh_model::checkpoint::{InitDtype, in_memory};
+use expertmesh_model::engine::{ExpertSelection, ExpertStore, LoadOptions, Model, Step};
+use expertmesh_runtime::testkit::EtcdServer;
+use serde_json::{Value, json};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+const VOCAB: &str = "129280";
+
+fn tokenizer_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/tokenizer-deepseek-v3/tokenizer.json")
+}
+
+/// A raw HTTP/1.1 exchange (`Connection: close`): status and de-chunked body.
+struct Http {
+    status: u16,
+    body: String,
+}
+
+fn dechunk(raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut rest = raw;
+    loop {
+        let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") else { return out };
+        let size = usize::from_str_radix(std::str::from_utf8(&rest[..eol]).unwrap().trim(), 16).unwrap_or(0);
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&rest[eol + 2..eol + 2 + size]);
+        rest = &rest[eol + 2 + size + 2..];
+    }
+}
+
+fn send(url: &str, method: &str, path: &str, body: &str, headers: &[(&str, &str)]) -> TcpStream {
+    let addr = url.trim_start_matches("http://");
+    let mut s = TcpStream::connect(addr).unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req += &format!("{k}: {v}\r\n");
+    }
+    req += "\r\n";
+    req += body;
+    s.write_all(req.as_bytes()).unwrap();
+    s
+}
+
+fn finish(mut raw: Vec<u8>, mut s: TcpStream) -> Http {
+    s.read_to_end(&mut raw).unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(&raw[split + 4..])
+    } else {
+        raw[split + 4..].to_vec()
+    };
+    Http { status, body: String::from_utf8(body).unwrap() }
+}
+
+fn post(url: &str, path: &str, body: &Value, headers: &[(&str, &str)]) -> Http {
+    finish(Vec::new(), send(url, "POST", path, &body.to_string(), headers))
+}
+
+/// The `data:` events of an SSE body, up to `[DONE]` (which must be last).
+fn events(body: &str) -> Vec<Value> {
+    let data: Vec<&str> = body.split("\n\n").filter_map(|e| e.strip_prefix("data: ")).collect();
+    assert_eq!(data.last(), Some(&"[DONE]"), "stream ends with [DONE]: {body}");
+    data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect()
+}
+
+struct Cluster {
+    gateway: Worker,
+    attention: Vec<Worker>,
+    _experts: Vec<Worker>,
+    etcd: EtcdServer,
+}
+
+fn cluster(attention_workers: usize, gateway_args: &[&str]) -> Cluster {
+    let etcd = EtcdServer::start();
+    let e = etcd.endpoint();
+    let base = ["--vocab-size", VOCAB, "--etcd", e.as_str(), "--lease-ttl", "2"];
+    let experts = vec![Worker::expert("0-7", &base), Worker::expert("8-15", &base)];
+    let mut args = base.to_vec();
+    args.extend_from_slice(&["--wire-dtype", "f32"]);
+    let attention = (0..attention_workers).map(|_| Worker::spawn("attention", &args)).collect();
+    let tok = tokenizer_path();
+    let mut gw = vec!["--tokenizer", tok.to_str().unwrap(), "--http-listen", "127.0.0.1:0", "--etcd", e.as_str()];
+    gw.extend_from_slice(gateway_args);
+    let gateway = Worker::spawn_plain("gateway", &gw);
+    // Ready when an engine is registered and can serve (experts registered too).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // (A key the keyed cluster accepts; an open gateway ignores it.)
+        let r = post(
+            &gateway.endpoint,
+            "/v1/completions",
+            &json!({"prompt": [5, 6], "max_tokens": 1}),
+            &[("Authorization", "Bearer k1")],
+        );
+        if r.status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "cluster never served: {} {}", r.status, r.body);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Cluster { gateway, attention, _experts: experts, etcd }
+}
+
+/// Greedy tokens of the in-process engine for the same model (vocabulary 129280).
+fn reference_greedy(prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut cfg = Preset::Tiny.config();
+    cfg.vocab_size = VOCAB.parse().unwrap();
+    let ckpt = in_memory(&cfg, 7, InitDtype::Bf16).unwrap();
+    let opts = LoadOptions { mtp: false, ..LoadOptions::default() };
+    let model = Model::load(&ckpt, opts).unwrap();
+    let store = ExpertStore::load(&ckpt, &ExpertSelection::all(), opts.sim).unwrap();
+    // Experts split like the cluster's shards, f32 wire: the same arithmetic (see common).
+    let grouped = common::WireSimulation {
+        store: store.into(),
+        shards: vec![(0..8).collect(), (8..16).collect()],
+        wire: expertmesh_runtime::wire::WireDType::F32,
+    };
+    let mut state = model.new_sequence();
+    let mut out = model.forward(&mut [Step::new(&mut state, prompt)], &grouped).unwrap();
+    let mut tokens = Vec::new();
+    while tokens.len() < n {
+        let t = expertmesh_model::engine::sampling::argmax(&out[0].logits) as u32;
+        tokens.push(t);
+        out = model.forward(&mut [Step::new(&mut state, &[t])], &grouped).unwrap();
+    }
+    tokens
+}
+
+#[test]
+fn completions_and_chat_over_http_streaming_and_not() {
+    let c = cluster(1, &[]);
+    let url = &c.gateway.endpoint;
+    let tok = Tokenizer::from_file(&tokenizer_path()).unwrap();
+
+    // Non-streaming completion (greedy): the text is the decode of the in-process engine's tokens.
+    let prompt = "The capital of France is";
+    let r = post(url, "/v1/completions", &json!({"prompt": prompt, "max_tokens": 10, "temperature": 0}), &[]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v: Value = serde_json::from_str(&r.body).unwrap();
+    let ids = tok.encode(prompt).unwrap();
+    let expected_tokens = reference_greedy(&ids, 10);
+    let eos_at = expected_tokens.iter().position(|&t| t == 1).unwrap_or(expected_tokens.len());
+    assert_eq!(v["choices"][0]["text"], tok.decode(&expected_tokens[..eos_at]).unwrap());
+    assert_eq!(v["usage"]["prompt_tokens"], ids.len());
+
+    // Streaming: the concatenated deltas equal the non-streaming text; usage comes last.
+    let r = post(
+        url,
+        "/v1/completions",
+        &json!({"prompt": prompt, "max_tokens": 10, "temperature": 0, "stream": true, "stream_options": {"include_usage": true}}),
+        &[],
+    );
+    assert_eq!(r.status, 200);
+    let evs = events(&r.body);
+    let text: String = evs.iter().filter_map(|e| e["choices"][0]["text"].as_str()).collect();
+    assert_eq!(text, v["choices"][0]["text"].as_str().unwrap());
+    assert_eq!(evs.last().unwrap()["usage"]["completion_tokens"], v["usage"]["completion_tokens"]);
+
+    // Chat in thinking mode: the reply is reasoning (the prompt opened <think>); streamed deltas
+    // add up to the non-streaming message; finish reason and usage are present.
+    let chat = json!({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello! 你好"}], "max_tokens": 8, "temperature": 0});
+    let r = post(url, "/v1/chat/completions", &chat, &[]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let full: Value = serde_json::from_str(&r.body).unwrap();
+    let msg = &full["choices"][0]["message"];
+    assert_eq!(msg["role"], "assistant");
+    let mut streamed = chat.clone();
+    streamed["stream"] = json!(true);
+    let evs = events(&post(url, "/v1/chat/completions", &streamed, &[]).body);
+    assert_eq!(evs[0]["choices"][0]["delta"]["role"], "assistant");
+    let cat = |field: &str| evs.iter().filter_map(|e| e["choices"][0]["delta"][field].as_str()).collect::<String>();
+    assert_eq!(cat("reasoning_content"), msg["reasoning_content"].as_str().unwrap());
+    assert_eq!(cat("content"), msg["content"].as_str().unwrap());
+    assert_eq!(evs.last().unwrap()["choices"][0]["finish_reason"], full["choices"][0]["finish_reason"]);
+
+    // n choices with a seed: reproducible, and distinct per choice.
+    let sampled = json!({"prompt": prompt, "max_tokens": 6, "temperature": 1.0, "seed": 11, "n": 2});
+    let a: Value = serde_json::from_str(&post(url, "/v1/completions", &sampled, &[]).body).unwrap();
+    let b: Value = serde_json::from_str(&post(url, "/v1/completions", &sampled, &[]).body).unwrap();
+    assert_eq!(a["choices"], b["choices"]);
+    assert_ne!(a["choices"][0]["text"], a["choices"][1]["text"]);
+
+    // A stop string ends the text before it (here: the third word of the greedy text).
+    let greedy = v["choices"][0]["text"].as_str().unwrap().to_string();
+    if let Some(word) = greedy.split_whitespace().nth(2) {
+        let r = post(
+            url,
+            "/v1/completions",
+            &json!({"prompt": prompt, "max_tokens": 10, "temperature": 0, "stop": word}),
+            &[],
+        );
+        let s: Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(s["choices"][0]["text"].as_str().unwrap(), &greedy[..greedy.find(word).unwrap()]);
+        assert_eq!(s["choices"][0]["finish_reason"], "stop");
+    }
+
+    // Errors in OpenAI's shape, naming the parameter; the gateway keeps serving.
+    for (body, status, param) in [
+        (json!({"prompt": "x", "max_tokens": 0}), 400, "max_tokens"),
+        (json!({"prompt": "x", "max_tokens": "many"}), 400, "max_tokens"),
+        (json!({"prompt": "x", "n": 99}), 400, "n"),
+        (json!({"prompt": "x", "top_p": 5}), 400, "top_p"),
+        (json!({"prompt": "x", "model": "gpt-9"}), 404, ""),
+        (json!({"prompt": ""}), 400, "prompt"),
+    ] {
+        let r = post(url, "/v1/completions", &body, &[]);
+        assert_eq!(r.status, status, "{body}: {}", r.body);
+        let e: Value = serde_json::from_str(&r.body).unwrap();
+        assert!(e["error"]["message"].as_str().unwrap().contains(param), "{}", r.body);
+    }
+    let r = post(url, "/v1/chat/completions", &json!({"messages": [{"role": "robot", "content": "x"}]}), &[]);
+    assert_eq!(r.status, 400);
+    assert!(r.body.contains("messages[0].role"), "{}", r.body);
+    let big = "x".repeat(5 << 20);
+    let r = finish(Vec::new(), send(url, "POST", "/v1/completions", &json!({"prompt": big}).to_string(), &[]));
+    assert_eq!(r.status, 413);
+    assert_eq!(post(url, "/v1/completions", &json!({"prompt": [5, 6], "max_tokens": 2}), &[]).status, 200);
+}
+
+#[test]
+fn an_attention_worker_dying_mid_stream_loses_no_token() {
+    let mut c = cluster(2, &["--api-keys", "k1,k2"]);
+    let url = c.gateway.endpoint.clone();
+    let auth = [("Authorization", "Bearer k2")];
+    let r = post(&url, "/v1/completions", &json!({"prompt": "x", "max_tokens": 1}), &[]);
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert!(r.body.contains("authentication_error"));
+
+    let body = json!({"prompt": "Once upon a time", "max_tokens": 120, "temperature": 0, "stream": true});
+    let expected: Value = serde_json::from_str(
+        &post(
+            &url,
+            "/v1/completions",
+            &json!({"prompt": "Once upon a time", "max_tokens": 120, "temperature": 0}),
+            &auth,
+        )
+        .body,
+    )
+    .unwrap();
+    let mut stream = send(&url, "POST", "/v1/completions", &body.to_string(), &auth);
+    // Read until a few tokens have arrived, then kill the worker that is generating them.
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    while raw.windows(6).filter(|w| w == b"data: ").count() < 4 {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "stream ended early");
+        raw.extend_from_slice(&buf[..n]);
+    }
+    let busy = c.attention.iter().position(|w| {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let mut client = common::engine_client(&w.endpoint).await;
+            client.get_stats(expertmesh_proto::v1::StatsRequest {}).await.unwrap().into_inner().running > 0
+        })
+    });
+    c.attention[busy.expect("one worker is generating")].kill9();
+    let r = finish(raw, stream);
+    let text: String = events(&r.body).iter().filter_map(|e| e["choices"][0]["text"].as_str()).collect();
+    assert_eq!(text, expected["choices"][0]["text"].as_str().unwrap(), "no token lost or repeated");
+    drop(c.etcd);
+}
