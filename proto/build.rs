@@ -1,7 +1,12 @@
 //! Compiles `expertmesh/v1/*.proto` with protox (pure Rust), so building needs no system protoc.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["expertmesh/v1/tensor.proto", "expertmesh/v1/expert.proto", "expertmesh/v1/engine.proto"];
+    let files = [
+        "expertmesh/v1/tensor.proto",
+        "expertmesh/v1/expert.proto",
+        "expertmesh/v1/engine.proto",
+        "expertmesh/v1/inference.proto",
+    ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -27,6 +27,10 @@ enum Command {
     /// The whole cluster in one process (expert workers + attention worker over loopback gRPC),
     /// answering one request.
     Local(commands::local::LocalArgs),
+    /// Complete a text prompt through a gateway (gRPC), streaming the answer.
+    Complete(commands::client::ClientArgs),
+    /// Send one chat message through a gateway (gRPC), streaming the answer.
+    Chat(commands::client::ClientArgs),
     /// The OpenAI-compatible HTTP API in front of the attention workers.
     Gateway(commands::gateway::GatewayCommand),
     /// Serve a shard of the routed experts.
@@ -55,6 +59,8 @@ fn main() {
         Command::Local(args) => commands::local::run(args),
         Command::Expert(args) => commands::expert::run(args),
         Command::Gateway(args) => commands::gateway::run(args),
+        Command::Complete(args) => commands::client::complete(args),
+        Command::Chat(args) => commands::client::chat(args),
         Command::Attention(args) => commands::attention::run(args),
     };
     if let Err(e) = result {

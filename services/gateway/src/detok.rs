@@ -25,8 +25,12 @@ impl<'t> IncrementalDecoder<'t> {
         IncrementalDecoder { tokenizer, ids: Vec::new(), prefix: 0, read: 0 }
     }
 
-    /// Adds a token; returns the text it settles (possibly empty).
+    /// Adds a token; returns the text it settles (possibly empty). Ids without a token (padding
+    /// rows of the embedding, which a model can still sample) have no text.
     pub fn push(&mut self, id: u32) -> Result<String, TextError> {
+        if !self.tokenizer.knows(id) {
+            return Ok(String::new());
+        }
         self.ids.push(id);
         let before = self.tokenizer.decode(&self.ids[self.prefix..self.read])?;
         let now = self.tokenizer.decode(&self.ids[self.prefix..])?;

@@ -5,6 +5,7 @@
 pub mod chat;
 pub mod detok;
 pub mod generation;
+pub mod grpc;
 pub mod openai;
 pub mod router;
 pub mod server;

@@ -8,12 +8,37 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::task::JoinHandle;
 
+use expertmesh_proto::v1::inference_server::InferenceServer;
+
+use crate::grpc::InferenceService;
 use crate::openai::{AppState, router};
 
 pub struct RunningGateway {
     pub addr: SocketAddr,
     pub url: String,
     pub task: JoinHandle<Result<(), ServiceError>>,
+}
+
+/// Serves `expertmesh.v1.Inference` (and `grpc.health.v1`) on `listen`.
+pub async fn start_grpc(
+    state: Arc<AppState>,
+    listen: &str,
+    shutdown: Shutdown,
+) -> Result<RunningGateway, ServiceError> {
+    let listener = expertmesh_runtime::serve::bind(listen)?;
+    let addr = listener.addr;
+    let url = expertmesh_runtime::serve::advertised_endpoint(addr, None);
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<InferenceServer<InferenceService>>().await;
+    let task = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(InferenceServer::new(InferenceService::new(state)))
+            .serve_with_incoming_shutdown(listener.incoming, async move { shutdown.wait().await })
+            .await
+            .map_err(|e| ServiceError::Internal(format!("grpc server: {e}")))
+    });
+    Ok(RunningGateway { addr, url, task })
 }
 
 pub async fn start(state: Arc<AppState>, listen: &str, shutdown: Shutdown) -> Result<RunningGateway, ServiceError> {

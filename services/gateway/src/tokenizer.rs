@@ -42,6 +42,11 @@ impl Tokenizer {
         self.inner.decode(ids, false).map_err(|e| TextError::Encode(e.to_string()))
     }
 
+    /// Whether `id` has a token (a model's embedding may have more rows than the vocabulary).
+    pub fn knows(&self, id: u32) -> bool {
+        self.inner.id_to_token(id).is_some()
+    }
+
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }

@@ -57,3 +57,18 @@ fn unknown_ids_are_an_error_not_a_panic() {
     let tok = tokenizer();
     assert!(tok.decode(&[5, 10_000_000]).unwrap_err().to_string().contains("10000000"));
 }
+
+#[test]
+fn ids_beyond_the_vocabulary_stream_no_text() {
+    let tok = tokenizer();
+    let ids = tok.encode("héllo").unwrap();
+    let mut dec = IncrementalDecoder::new(&tok);
+    let mut out = String::new();
+    for &id in &ids {
+        out += &dec.push(id).unwrap();
+        // An embedding padding row (DeepSeek's model has 129280 rows for ~128.8k tokens).
+        out += &dec.push(129_279).unwrap();
+    }
+    out += &dec.finish().unwrap();
+    assert_eq!(out, "héllo");
+}

@@ -21,6 +21,9 @@ pub struct GatewayArgs {
     /// HTTP address (port 0 picks a free port; the bound address is printed).
     #[arg(long, env = "EXPERTMESH_HTTP_LISTEN", default_value = "0.0.0.0:8000")]
     pub http_listen: String,
+    /// gRPC address of `expertmesh.v1.Inference` (port 0 picks a free port).
+    #[arg(long, env = "EXPERTMESH_GRPC_LISTEN", default_value = "0.0.0.0:8001")]
+    pub grpc_listen: String,
     /// The model name clients use (`model` in requests, `/v1/models`).
     #[arg(long, env = "EXPERTMESH_MODEL_NAME", default_value = "deepseek-v4")]
     pub model_name: String,
@@ -78,10 +81,12 @@ pub fn run(a: GatewayCommand) -> Result<()> {
         let state = a.gateway.state(registry.as_ref())?;
         let shutdown = Shutdown::new();
         tokio::spawn(shutdown.clone().on_signals());
-        let gw = server::start(state, &a.gateway.http_listen, shutdown).await?;
-        println!("gateway listening on {}", gw.url);
-        let result = gw.task.await;
+        let grpc = server::start_grpc(state.clone(), &a.gateway.grpc_listen, shutdown.clone()).await?;
+        let http = server::start(state, &a.gateway.http_listen, shutdown).await?;
+        println!("gateway listening on {} (gRPC {})", http.url, grpc.url);
+        let (h, g) = (http.task.await, grpc.task.await);
         registry.close().await;
-        Ok(result??)
+        h??;
+        Ok(g??)
     })
 }

@@ -18,8 +18,12 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::attention::EngineArgs;
+use super::client::print_events;
 use super::cluster::{init_logging, runtime};
+use super::gateway::GatewayArgs;
 use super::{ModelSource, parse_tokens};
+use expertmesh_client::{Client, Message, Options};
+use expertmesh_gateway::server;
 
 #[derive(Args)]
 pub struct LocalArgs {
@@ -38,8 +42,70 @@ pub struct LocalArgs {
     temperature: f32,
     #[arg(long)]
     seed: Option<u64>,
+    /// A `tokenizer.json`: also start the gateway (OpenAI HTTP API and gRPC) and send `--prompt`
+    /// through it as a chat message. The model's vocabulary must cover the tokenizer's
+    /// (`--vocab-size 129280` for DeepSeek's).
+    #[arg(long, env = "EXPERTMESH_TOKENIZER")]
+    tokenizer: Option<std::path::PathBuf>,
+    /// The chat message sent through the gateway (with --tokenizer).
+    #[arg(long, default_value = "Hello! What can a mixture-of-experts model do?")]
+    prompt: String,
+    /// With --tokenizer: keep the cluster serving (HTTP on --http-listen, gRPC on --grpc-listen)
+    /// until Ctrl-C instead of answering --prompt and exiting.
+    #[arg(long)]
+    serve: bool,
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    http_listen: String,
+    #[arg(long, default_value = "127.0.0.1:8001")]
+    grpc_listen: String,
     #[command(flatten)]
     engine: EngineArgs,
+}
+
+/// Starts the gateway in this process and answers `--prompt` through it over gRPC (or serves).
+async fn through_gateway(
+    a: &LocalArgs,
+    tokenizer: &std::path::Path,
+    cfg: &expertmesh_model::ModelConfig,
+    registry: &dyn Registry,
+    shutdown: Shutdown,
+) -> Result<()> {
+    let args = GatewayArgs {
+        tokenizer: tokenizer.to_path_buf(),
+        http_listen: a.http_listen.clone(),
+        grpc_listen: a.grpc_listen.clone(),
+        model_name: "deepseek-v4".into(),
+        api_keys: Vec::new(),
+        max_concurrent: 1024,
+        max_tokens_limit: 32768,
+        max_prompt_tokens: 65536,
+        eos_token_id: cfg.eos_token_id,
+    };
+    let state = args.state(registry)?;
+    if state.tokenizer.vocab_size() > cfg.vocab_size {
+        bail!(
+            "--tokenizer has {} tokens but the model's vocabulary has {}: pass --vocab-size 129280 (DeepSeek's)",
+            state.tokenizer.vocab_size(),
+            cfg.vocab_size
+        );
+    }
+    let grpc = server::start_grpc(state.clone(), &args.grpc_listen, shutdown.clone()).await?;
+    let http = server::start(state, &args.http_listen, shutdown.clone()).await?;
+    eprintln!("gateway: OpenAI HTTP API at {}/v1, gRPC at {}", http.url, grpc.url);
+    if a.serve {
+        eprintln!("serving until Ctrl-C");
+        shutdown.clone().on_signals().await;
+    } else {
+        let mut client = Client::connect(&grpc.url).await?;
+        let options =
+            Options { max_tokens: a.max_tokens, temperature: Some(a.temperature), seed: a.seed, ..Options::default() };
+        eprintln!("> {}", a.prompt);
+        print_events(client.chat(vec![Message::user(&a.prompt)], true, options).await?).await?;
+    }
+    shutdown.trigger();
+    http.task.await??;
+    grpc.task.await??;
+    Ok(())
 }
 
 /// Splits `0..n` into `parts` contiguous ranges as even as possible.
@@ -106,6 +172,15 @@ pub fn run(a: LocalArgs) -> Result<()> {
             bail!("expert workers did not register");
         }
         eprintln!("attention worker {} at {}", attention.id, attention.endpoint);
+        if let Some(tokenizer) = &a.tokenizer {
+            let result = through_gateway(&a, tokenizer, &cfg, registry.as_ref(), shutdown.clone()).await;
+            shutdown.trigger();
+            attention.task.await??;
+            for w in experts {
+                w.task.await??;
+            }
+            return result;
+        }
 
         let mut client = EngineServiceClient::connect(attention.endpoint.clone()).await.context("connecting to the engine")?;
         let request = GenerateRequest {

@@ -1,4 +1,5 @@
 pub mod attention;
+pub mod client;
 pub mod cluster;
 pub mod expert;
 pub mod gateway;

@@ -31,6 +31,8 @@ pub struct Worker {
     _stdout: BufReader<ChildStdout>,
     pub endpoint: String,
     pub id: String,
+    /// The whole "listening on" line (some roles print more than one address).
+    pub line: String,
 }
 
 impl Worker {
@@ -61,7 +63,7 @@ impl Worker {
             .unwrap_or_else(|| panic!("{role} {args:?} did not start: {line:?}"));
         let endpoint = endpoint.split_whitespace().next().unwrap().to_string();
         let id = head.split_whitespace().last().unwrap().to_string();
-        Worker { child, _stdout: stdout, endpoint, id }
+        Worker { child, _stdout: stdout, endpoint, id, line: line.trim().to_string() }
     }
 
     /// Starts `expertmesh <role> <args>` (no model flags) and waits for its "listening on" line.

@@ -57,3 +57,18 @@ impl IntoResponse for ApiError {
         (self.status, axum::Json(self.body())).into_response()
     }
 }
+
+impl From<ApiError> for tonic::Status {
+    /// The gRPC face of the same errors (the one mapping for the Inference service).
+    fn from(e: ApiError) -> Self {
+        let code = match e.status {
+            StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE => tonic::Code::InvalidArgument,
+            StatusCode::UNAUTHORIZED => tonic::Code::Unauthenticated,
+            StatusCode::NOT_FOUND => tonic::Code::NotFound,
+            StatusCode::TOO_MANY_REQUESTS => tonic::Code::ResourceExhausted,
+            StatusCode::SERVICE_UNAVAILABLE => tonic::Code::Unavailable,
+            _ => tonic::Code::Internal,
+        };
+        tonic::Status::new(code, e.message)
+    }
+}

@@ -91,10 +91,16 @@ async fn models(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Response 
 }
 
 fn authorize(s: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let value = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    check_key(s, value)
+}
+
+/// Checks an `Authorization` value (`Bearer KEY`) against the configured keys.
+pub(crate) fn check_key(s: &AppState, authorization: Option<&str>) -> Result<(), ApiError> {
     if s.api_keys.is_empty() {
         return Ok(());
     }
-    let key = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let key = authorization.and_then(|v| v.strip_prefix("Bearer "));
     match key {
         Some(k) if s.api_keys.iter().any(|a| a == k) => Ok(()),
         _ => Err(ApiError::new(StatusCode::UNAUTHORIZED, "authentication_error", "missing or invalid API key")),
@@ -106,18 +112,18 @@ fn now() -> u64 {
 }
 
 /// What both endpoints need to run a request.
-struct Plan {
-    prompt: Vec<u32>,
-    sampling: SamplingParams,
-    n: u32,
-    stops: Vec<String>,
-    stream: bool,
-    include_usage: bool,
-    reasoning: bool,
-    tools: bool,
+pub(crate) struct Plan {
+    pub(crate) prompt: Vec<u32>,
+    pub(crate) sampling: SamplingParams,
+    pub(crate) n: u32,
+    pub(crate) stops: Vec<String>,
+    pub(crate) stream: bool,
+    pub(crate) include_usage: bool,
+    pub(crate) reasoning: bool,
+    pub(crate) tools: bool,
 }
 
-fn plan(s: &AppState, p: &Sampling, prompt: Vec<u32>) -> Result<Plan, ApiError> {
+pub(crate) fn plan(s: &AppState, p: &Sampling, prompt: Vec<u32>) -> Result<Plan, ApiError> {
     let l = &s.limits;
     if let Some(m) = &p.model
         && m != &s.model
@@ -252,7 +258,7 @@ enum Kind {
     Chat,
 }
 
-fn finish_reason(reason: FinishReason, stopped_by_string: bool, tool_calls: bool) -> &'static str {
+pub(crate) fn finish_reason(reason: FinishReason, stopped_by_string: bool, tool_calls: bool) -> &'static str {
     if tool_calls {
         "tool_calls"
     } else if stopped_by_string || reason == FinishReason::Stop {

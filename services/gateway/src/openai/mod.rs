@@ -3,9 +3,9 @@
 //! `/ready`. Requests are validated before any work; errors use OpenAI's JSON shape.
 
 mod errors;
-mod handlers;
-mod requests;
-mod text;
+pub(crate) mod handlers;
+pub(crate) mod requests;
+pub(crate) mod text;
 
 pub use errors::ApiError;
 pub use handlers::{AppState, Limits, router};

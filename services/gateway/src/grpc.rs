@@ -1,0 +1,230 @@
+//! `expertmesh.v1.Inference`: the gateway's gRPC API, the same validation, routing, failover
+//! and text handling as the HTTP API (API keys as `authorization: Bearer KEY` metadata).
+
+use expertmesh_proto::v1::inference_server::Inference;
+use expertmesh_proto::v1::{
+    ChatRequest as GrpcChat, DetokenizeRequest, DetokenizeResponse, Done, GenerationOptions, InferenceEvent,
+    InferenceRequest, ListModelsRequest, ListModelsResponse, TextDelta, TokenizeRequest, TokenizeResponse, ToolCall,
+    inference_event::Event, inference_request,
+};
+use serde_json::Value;
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::chat::{self, ChatOptions, Content, FunctionCall, Message, ThinkingMode};
+use crate::generation::{self, GenEvent, GenRequest};
+use crate::openai::ApiError;
+use crate::openai::AppState;
+use crate::openai::handlers::{Plan, check_key, finish_reason, plan};
+use crate::openai::requests::{OneOrMany, Sampling};
+use crate::openai::text::TextAssembler;
+
+pub struct InferenceService {
+    state: Arc<AppState>,
+}
+
+impl InferenceService {
+    pub fn new(state: Arc<AppState>) -> Self {
+        InferenceService { state }
+    }
+
+    fn authorize<T>(&self, r: &Request<T>) -> Result<(), Status> {
+        let value = r.metadata().get("authorization").and_then(|v| v.to_str().ok());
+        Ok(check_key(&self.state, value)?)
+    }
+
+    fn sampling(o: Option<GenerationOptions>) -> Sampling {
+        let o = o.unwrap_or_default();
+        Sampling {
+            max_tokens: (o.max_tokens > 0).then_some(o.max_tokens),
+            temperature: o.temperature,
+            top_p: (o.top_p > 0.0).then_some(o.top_p),
+            top_k: (o.top_k > 0).then_some(o.top_k),
+            seed: o.seed,
+            stop: (!o.stop.is_empty()).then_some(OneOrMany::Many(o.stop)),
+            ..Sampling::default()
+        }
+    }
+
+    /// Runs a plan; events stream back (the stream's end cancels the generation).
+    fn run(&self, plan: Plan) -> Result<EventStream, Status> {
+        let permit = self
+            .state
+            .slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Status::resource_exhausted("too many requests in flight"))?;
+        if self.state.engines.workers() == 0 {
+            return Err(Status::unavailable("no attention worker is available"));
+        }
+        let state = self.state.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut events = generation::start(
+                state.engines.clone(),
+                GenRequest { prompt: plan.prompt.clone(), sampling: plan.sampling.clone() },
+            );
+            let mut text = TextAssembler::new(
+                &state.tokenizer,
+                state.stop_ids.clone(),
+                plan.stops.clone(),
+                plan.reasoning,
+                plan.tools,
+            );
+            while let Some(ev) = events.recv().await {
+                let out = match ev {
+                    Err(e) => Err(Status::from(ApiError::from(e))),
+                    Ok(GenEvent::Token { id, .. }) => match text.push(id) {
+                        Err(e) => Err(Status::internal(e.to_string())),
+                        Ok(d) if d.is_empty() && !text.stopped => continue,
+                        Ok(d) => Ok(Event::Delta(TextDelta {
+                            content: d.content,
+                            reasoning_content: d.reasoning,
+                            token_ids: vec![id],
+                        })),
+                    },
+                    Ok(GenEvent::Finished { reason, prompt_tokens, completion_tokens }) => {
+                        let d = text.finish().unwrap_or_default();
+                        if !d.is_empty() {
+                            let delta = Event::Delta(TextDelta {
+                                content: d.content,
+                                reasoning_content: d.reasoning,
+                                token_ids: vec![],
+                            });
+                            if tx.send(Ok(InferenceEvent { event: Some(delta) })).await.is_err() {
+                                return;
+                            }
+                        }
+                        let calls: Vec<ToolCall> = text.tool_calls().iter().map(to_tool_call).collect();
+                        let reason = finish_reason(reason, text.stopped, !calls.is_empty()).to_string();
+                        let done = Done { finish_reason: reason, prompt_tokens, completion_tokens, tool_calls: calls };
+                        let _ = tx.send(Ok(InferenceEvent { event: Some(Event::Done(done)) })).await;
+                        return;
+                    }
+                };
+                let stop_now = text.stopped;
+                if tx.send(out.map(|e| InferenceEvent { event: Some(e) })).await.is_err() || stop_now {
+                    if stop_now {
+                        let done = Done {
+                            finish_reason: "stop".into(),
+                            prompt_tokens: plan.prompt.len() as u32,
+                            ..Default::default()
+                        };
+                        let _ = tx.send(Ok(InferenceEvent { event: Some(Event::Done(done)) })).await;
+                    }
+                    return;
+                }
+            }
+        });
+        Ok(Box::pin(ReceiverStream::new(rx)))
+    }
+}
+
+fn to_tool_call(v: &Value) -> ToolCall {
+    ToolCall {
+        id: v["id"].as_str().unwrap_or_default().to_string(),
+        name: v["function"]["name"].as_str().unwrap_or_default().to_string(),
+        arguments: v["function"]["arguments"].as_str().unwrap_or_default().to_string(),
+    }
+}
+
+fn to_message(m: expertmesh_proto::v1::ChatMessage) -> Message {
+    let optional = |s: String| (!s.is_empty()).then_some(s);
+    Message {
+        role: m.role,
+        content: Some(Content::Text(m.content)),
+        reasoning_content: optional(m.reasoning_content),
+        tool_call_id: optional(m.tool_call_id),
+        tool_calls: (!m.tool_calls.is_empty()).then(|| {
+            m.tool_calls
+                .into_iter()
+                .map(|c| chat::ToolCall {
+                    id: optional(c.id),
+                    function: FunctionCall { name: c.name, arguments: c.arguments },
+                })
+                .collect()
+        }),
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<InferenceEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Inference for InferenceService {
+    type GenerateStream = EventStream;
+    type ChatStream = EventStream;
+
+    async fn generate(&self, request: Request<InferenceRequest>) -> Result<Response<EventStream>, Status> {
+        self.authorize(&request)?;
+        let r = request.into_inner();
+        let prompt = match r.prompt {
+            Some(inference_request::Prompt::Text(t)) => {
+                self.state.tokenizer.encode(&t).map_err(|e| Status::invalid_argument(format!("prompt: {e}")))?
+            }
+            Some(inference_request::Prompt::Tokens(t)) => t.ids,
+            None => return Err(Status::invalid_argument("prompt: missing (text or tokens)")),
+        };
+        let plan = plan(&self.state, &Self::sampling(r.options), prompt)?;
+        Ok(Response::new(self.run(plan)?))
+    }
+
+    async fn chat(&self, request: Request<GrpcChat>) -> Result<Response<EventStream>, Status> {
+        self.authorize(&request)?;
+        let r = request.into_inner();
+        if r.messages.is_empty() {
+            return Err(Status::invalid_argument("messages: empty"));
+        }
+        let tools = r
+            .tools_json
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                serde_json::from_str::<Value>(t).map_err(|e| Status::invalid_argument(format!("tools_json[{i}]: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let opts = ChatOptions {
+            thinking: if r.thinking { ThinkingMode::Thinking } else { ThinkingMode::Chat },
+            drop_thinking: true,
+            tools: tools.clone(),
+            ..ChatOptions::default()
+        };
+        let messages: Vec<Message> = r.messages.into_iter().map(to_message).collect();
+        let text =
+            chat::encode_chat(&messages, &opts).map_err(|e| Status::invalid_argument(format!("messages: {e}")))?;
+        let prompt =
+            self.state.tokenizer.encode(&text).map_err(|e| Status::invalid_argument(format!("messages: {e}")))?;
+        let mut plan = plan(&self.state, &Self::sampling(r.options), prompt)?;
+        plan.reasoning = r.thinking;
+        plan.tools = !tools.is_empty();
+        Ok(Response::new(self.run(plan)?))
+    }
+
+    async fn tokenize(&self, request: Request<TokenizeRequest>) -> Result<Response<TokenizeResponse>, Status> {
+        self.authorize(&request)?;
+        let ids = self
+            .state
+            .tokenizer
+            .encode(&request.into_inner().text)
+            .map_err(|e| Status::invalid_argument(format!("text: {e}")))?;
+        Ok(Response::new(TokenizeResponse { ids }))
+    }
+
+    async fn detokenize(&self, request: Request<DetokenizeRequest>) -> Result<Response<DetokenizeResponse>, Status> {
+        self.authorize(&request)?;
+        let text = self
+            .state
+            .tokenizer
+            .decode(&request.into_inner().ids)
+            .map_err(|e| Status::invalid_argument(format!("ids: {e}")))?;
+        Ok(Response::new(DetokenizeResponse { text }))
+    }
+
+    async fn list_models(&self, request: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
+        self.authorize(&request)?;
+        Ok(Response::new(ListModelsResponse { models: vec![self.state.model.clone()] }))
+    }
+}
