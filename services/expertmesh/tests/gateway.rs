@@ -172,6 +172,20 @@ fn completions_and_chat_over_http_streaming_and_not() {
     assert_eq!(v["choices"][0]["text"], tok.decode(&expected_tokens[..eos_at]).unwrap());
     assert_eq!(v["usage"]["prompt_tokens"], ids.len());
 
+    // Log-probabilities of the generated tokens (the greedy token is the most likely one, so its
+    // log-probability is the largest of the step: ≤ 0 and > ln(1/vocab)).
+    let r = post(
+        url,
+        "/v1/completions",
+        &json!({"prompt": prompt, "max_tokens": 10, "temperature": 0, "logprobs": 0}),
+        &[],
+    );
+    let lp: Value = serde_json::from_str(&r.body).unwrap();
+    let values = lp["choices"][0]["logprobs"]["token_logprobs"].as_array().unwrap();
+    assert_eq!(values.len() as u64, lp["usage"]["completion_tokens"].as_u64().unwrap());
+    assert!(values.iter().all(|v| v.as_f64().is_some_and(|x| x <= 0.0 && x > -(129_280f64).ln())), "{values:?}");
+    assert_eq!(lp["choices"][0]["text"], v["choices"][0]["text"]);
+
     // Streaming: the concatenated deltas equal the non-streaming text; usage comes last.
     let r = post(
         url,
@@ -292,9 +306,11 @@ fn an_attention_worker_dying_mid_stream_loses_no_token() {
     let mut c = cluster(2, &["--api-keys", "k1,k2"]);
     let url = c.gateway.endpoint.clone();
     let auth = [("Authorization", "Bearer k2")];
-    let r = post(&url, "/v1/completions", &json!({"prompt": "x", "max_tokens": 1}), &[]);
-    assert_eq!(r.status, 401, "{}", r.body);
-    assert!(r.body.contains("authentication_error"));
+    for headers in [&[][..], &[("Authorization", "Bearer wrong")][..]] {
+        let r = post(&url, "/v1/completions", &json!({"prompt": "x", "max_tokens": 1}), headers);
+        assert_eq!(r.status, 401, "{}", r.body);
+        assert!(r.body.contains("authentication_error"));
+    }
 
     let body = json!({"prompt": "Once upon a time", "max_tokens": 120, "temperature": 0, "stream": true});
     let expected: Value = serde_json::from_str(
@@ -331,4 +347,124 @@ fn an_attention_worker_dying_mid_stream_loses_no_token() {
         expected["choices"][0]["text"].as_str().unwrap_or_else(|| panic!("{expected}")),
         "no token lost or repeated"
     );
+}
+
+#[test]
+fn bad_requests_disconnects_and_overload() {
+    let c = cluster(1, &["--max-concurrent", "2"]);
+    let url = c.gateway.endpoint.clone();
+    let raw = |body: &[u8]| {
+        let addr = url.trim_start_matches("http://");
+        let mut s = TcpStream::connect(addr).unwrap();
+        let head = format!(
+            "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        s.write_all(body).unwrap();
+        finish(Vec::new(), s)
+    };
+    let check = |r: Http, status: u16, needle: &str| {
+        assert_eq!(r.status, status, "{}", r.body);
+        let e: Value = serde_json::from_str(&r.body).unwrap_or_else(|_| panic!("error body is JSON: {}", r.body));
+        assert!(e["error"]["message"].as_str().unwrap().contains(needle), "{needle:?} not in {}", r.body);
+        assert!(e["error"]["type"].is_string());
+    };
+    check(raw(b"{not json"), 400, "body");
+    check(raw(b"{\"prompt\": \"\xff\xfe\"}"), 400, "");
+    check(post(&url, "/v1/chat/completions", &json!({"messages": "hi"}), &[]), 400, "messages");
+    check(post(&url, "/v1/chat/completions", &json!({"messages": []}), &[]), 400, "messages");
+    check(post(&url, "/v1/completions", &json!({"prompt": "x", "max_tokens": 1_000_000}), &[]), 400, "max_tokens");
+    // Over the model's context (4096 positions): the engine's verdict, passed through.
+    let long: Vec<u32> = (0..5000).map(|i| 100 + i % 1000).collect();
+    check(post(&url, "/v1/completions", &json!({"prompt": long, "max_tokens": 4}), &[]), 400, "context");
+
+    // A client that disconnects mid-stream stops the engine's work.
+    let mut s = send(
+        &url,
+        "POST",
+        "/v1/completions",
+        &json!({"prompt": "Tell a long story", "max_tokens": 2000, "stream": true}).to_string(),
+        &[],
+    );
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    while seen.windows(6).filter(|w| w == b"data: ").count() < 3 {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0);
+        seen.extend_from_slice(&buf[..n]);
+    }
+    drop(s);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let stats = || {
+        rt.block_on(async {
+            let mut client = common::engine_client(&c.attention[0].endpoint).await;
+            client.get_stats(expertmesh_proto::v1::StatsRequest {}).await.unwrap().into_inner()
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stats().running > 0 {
+        assert!(Instant::now() < deadline, "the abandoned sequence kept running");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(stats().generated_tokens < 1000, "stopped long before max_tokens");
+
+    // More concurrent requests than the limit (2): the excess get 429 at once, the rest finish.
+    let handles: Vec<_> = (0..6)
+        .map(|i| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                let t = Instant::now();
+                let r = post(
+                    &url,
+                    "/v1/completions",
+                    &json!({"prompt": format!("story {i}"), "max_tokens": 40, "stream": true}),
+                    &[],
+                );
+                (r, t.elapsed())
+            })
+        })
+        .collect();
+    let (mut ok, mut refused) = (0, 0);
+    for h in handles {
+        let (r, took) = h.join().unwrap();
+        match r.status {
+            200 => {
+                assert_eq!(events(&r.body).iter().filter(|e| e["choices"][0]["finish_reason"].is_string()).count(), 1);
+                ok += 1;
+            }
+            429 => {
+                assert!(took < Duration::from_secs(2), "429 took {took:?}");
+                assert!(r.body.contains("rate_limit_error"));
+                refused += 1;
+            }
+            other => panic!("unexpected status {other}: {}", r.body),
+        }
+    }
+    assert!(ok >= 2 && refused >= 1, "{ok} served, {refused} refused");
+    // And the gateway still serves.
+    assert_eq!(post(&url, "/v1/completions", &json!({"prompt": "x", "max_tokens": 2}), &[]).status, 200);
+
+    // A gateway with no attention worker answers 503 at once (and is not ready).
+    let tok = tokenizer_path();
+    let etcd = c._etcd.endpoint();
+    let lonely = Worker::spawn_plain(
+        "gateway",
+        &[
+            "--tokenizer",
+            tok.to_str().unwrap(),
+            "--http-listen",
+            "127.0.0.1:0",
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--etcd",
+            &etcd,
+            "--etcd-prefix",
+            "/nobody",
+        ],
+    );
+    let t = Instant::now();
+    check(post(&lonely.endpoint, "/v1/completions", &json!({"prompt": "x"}), &[]), 503, "no attention worker");
+    assert!(t.elapsed() < Duration::from_secs(2));
+    assert_eq!(finish(Vec::new(), send(&lonely.endpoint, "GET", "/ready", "", &[])).status, 503);
 }

@@ -121,6 +121,7 @@ pub(crate) struct Plan {
     pub(crate) include_usage: bool,
     pub(crate) reasoning: bool,
     pub(crate) tools: bool,
+    pub(crate) logprobs: bool,
 }
 
 pub(crate) fn plan(s: &AppState, p: &Sampling, prompt: Vec<u32>) -> Result<Plan, ApiError> {
@@ -160,6 +161,14 @@ pub(crate) fn plan(s: &AppState, p: &Sampling, prompt: Vec<u32>) -> Result<Plan,
     if !(top_p > 0.0 && top_p <= 1.0) {
         return Err(ApiError::invalid("top_p", format!("{top_p} is not in (0, 1]")));
     }
+    let logprobs = match &p.logprobs {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+        Some(Value::Bool(true)) => true,
+        Some(Value::Number(n)) if n.as_u64().is_some_and(|n| n <= 20) => true,
+        Some(other) => {
+            return Err(ApiError::invalid("logprobs", format!("{other} is not a boolean or a count 0..=20")));
+        }
+    };
     let stops = p.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
     if stops.len() > 16 || stops.iter().any(|s| s.is_empty()) {
         return Err(ApiError::invalid("stop", "at most 16 non-empty strings"));
@@ -173,7 +182,7 @@ pub(crate) fn plan(s: &AppState, p: &Sampling, prompt: Vec<u32>) -> Result<Plan,
             seed: p.seed,
             max_tokens,
             stop_token_ids: s.stop_ids.clone(),
-            logprobs: false,
+            logprobs,
         },
         n,
         stops,
@@ -181,6 +190,7 @@ pub(crate) fn plan(s: &AppState, p: &Sampling, prompt: Vec<u32>) -> Result<Plan,
         include_usage: p.stream_options.as_ref().is_some_and(|o| o.include_usage),
         reasoning: false,
         tools: false,
+        logprobs,
     })
 }
 
@@ -275,6 +285,8 @@ struct Choice<'t> {
     content: String,
     finish: Option<&'static str>,
     completion_tokens: u32,
+    /// (token text, log-probability) of each generated token, when asked for.
+    logprobs: Vec<(String, f32)>,
 }
 
 async fn run(s: Arc<AppState>, plan: Plan, kind: Kind) -> Response {
@@ -318,14 +330,18 @@ async fn run(s: Arc<AppState>, plan: Plan, kind: Kind) -> Response {
             content: String::new(),
             finish: None,
             completion_tokens: 0,
+            logprobs: Vec::new(),
         })
         .collect();
     while let Some((i, ev)) = merged.next().await {
         let c = &mut choices[i];
         match ev {
             Err(e) => return ApiError::from(e).into_response(),
-            Ok(GenEvent::Token { id, .. }) => {
+            Ok(GenEvent::Token { id, logprob }) => {
                 c.completion_tokens += 1;
+                if let Some(lp) = logprob.filter(|_| plan.logprobs) {
+                    c.logprobs.push((tok.decode(&[id]).unwrap_or_default(), lp));
+                }
                 match c.text.push(id) {
                     Ok(d) => {
                         c.reasoning += &d.reasoning;
@@ -357,7 +373,14 @@ async fn run(s: Arc<AppState>, plan: Plan, kind: Kind) -> Response {
     let body = match kind {
         Kind::Completion => json!({
             "id": id, "object": "text_completion", "created": now(), "model": s.model,
-            "choices": choices.iter().enumerate().map(|(i, c)| json!({"index": i, "text": c.content, "finish_reason": c.finish, "logprobs": null})).collect::<Vec<_>>(),
+            "choices": choices.iter().enumerate().map(|(i, c)| {
+                let logprobs = plan.logprobs.then(|| json!({
+                    "tokens": c.logprobs.iter().map(|t| &t.0).collect::<Vec<_>>(),
+                    "token_logprobs": c.logprobs.iter().map(|t| t.1).collect::<Vec<_>>(),
+                    "top_logprobs": null,
+                }));
+                json!({"index": i, "text": c.content, "finish_reason": c.finish, "logprobs": logprobs})
+            }).collect::<Vec<_>>(),
             "usage": usage,
         }),
         Kind::Chat => json!({
@@ -367,7 +390,10 @@ async fn run(s: Arc<AppState>, plan: Plan, kind: Kind) -> Response {
                 let mut message = json!({"role": "assistant", "content": c.content});
                 if plan.reasoning { message["reasoning_content"] = json!(c.reasoning); }
                 if !calls.is_empty() { message["tool_calls"] = json!(calls); }
-                json!({"index": i, "message": message, "finish_reason": c.finish, "logprobs": null})
+                let logprobs = plan.logprobs.then(|| json!({"content": c.logprobs.iter().map(|(t, lp)| json!({
+                    "token": t, "logprob": lp, "bytes": t.as_bytes(), "top_logprobs": [],
+                })).collect::<Vec<_>>()}));
+                json!({"index": i, "message": message, "finish_reason": c.finish, "logprobs": logprobs})
             }).collect::<Vec<_>>(),
             "usage": usage,
         }),

@@ -61,6 +61,10 @@ pub struct Sampling {
     pub stream_options: Option<StreamOptions>,
     #[serde(default)]
     pub n: Option<u32>,
+    /// Chat: `true`; completions: a number (of alternatives, of which we return none). Either way
+    /// each generated token's log-probability is returned (non-streaming responses).
+    #[serde(default)]
+    pub logprobs: Option<Value>,
 }
 
 /// The completion-specific fields (the sampling fields are parsed from the same body as
@@ -97,7 +101,8 @@ pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
-        let param = if path == "." { "body".to_string() } else { path };
+        // "." (the whole body) or "?" (not JSON at all): the body itself is at fault.
+        let param = if path == "." || path.starts_with('?') { "body".to_string() } else { path };
         ApiError::invalid(param, e.into_inner().to_string())
     })
 }
