@@ -185,6 +185,18 @@ fn completions_and_chat_over_http_streaming_and_not() {
     assert_eq!(values.len() as u64, lp["usage"]["completion_tokens"].as_u64().unwrap());
     assert!(values.iter().all(|v| v.as_f64().is_some_and(|x| x <= 0.0 && x > -(129_280f64).ln())), "{values:?}");
     assert_eq!(lp["choices"][0]["text"], v["choices"][0]["text"]);
+    // Streamed: one log-probability per token, the same values.
+    let r = post(
+        url,
+        "/v1/completions",
+        &json!({"prompt": prompt, "max_tokens": 10, "temperature": 0, "logprobs": 0, "stream": true}),
+        &[],
+    );
+    let streamed: Vec<Value> = events(&r.body)
+        .iter()
+        .flat_map(|e| e["choices"][0]["logprobs"]["token_logprobs"].as_array().cloned().unwrap_or_default())
+        .collect();
+    assert_eq!(&streamed, values);
 
     // Streaming: the concatenated deltas equal the non-streaming text; usage comes last.
     let r = post(

@@ -416,10 +416,19 @@ async fn stream_events(
 ) {
     let tok = s.tokenizer.clone();
     let created = now();
-    let chunk = |i: usize, delta: &Delta, finish: Option<&str>, calls: Option<Vec<Value>>| -> Value {
+    // `lp`: the token's text and log-probability, when the request asked for them.
+    let chunk = |i: usize,
+                 delta: &Delta,
+                 finish: Option<&str>,
+                 calls: Option<Vec<Value>>,
+                 lp: Option<(String, f32)>|
+     -> Value {
         match kind {
-            Kind::Completion => json!({"id": id, "object": "text_completion", "created": created, "model": s.model,
-                "choices": [{"index": i, "text": delta.content, "finish_reason": finish, "logprobs": null}]}),
+            Kind::Completion => {
+                let logprobs = lp.map(|(t, l)| json!({"tokens": [t], "token_logprobs": [l], "top_logprobs": null}));
+                json!({"id": id, "object": "text_completion", "created": created, "model": s.model,
+                    "choices": [{"index": i, "text": delta.content, "finish_reason": finish, "logprobs": logprobs}]})
+            }
             Kind::Chat => {
                 let mut d = json!({});
                 if !delta.content.is_empty() {
@@ -440,8 +449,9 @@ async fn stream_events(
                             .collect::<Vec<_>>()
                     );
                 }
+                let logprobs = lp.map(|(t, l)| json!({"content": [{"token": t, "logprob": l, "bytes": t.as_bytes(), "top_logprobs": []}]}));
                 json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": s.model,
-                    "choices": [{"index": i, "delta": d, "finish_reason": finish, "logprobs": null}]})
+                    "choices": [{"index": i, "delta": d, "finish_reason": finish, "logprobs": logprobs}]})
             }
         }
     };
@@ -464,23 +474,25 @@ async fn stream_events(
                 let _ = tx.send(sse(&ApiError::from(e).body())).await;
                 return;
             }
-            Ok(GenEvent::Token { id: token, .. }) => {
+            Ok(GenEvent::Token { id: token, logprob }) => {
                 completion_tokens += 1;
                 let Ok(d) = texts[i].push(token) else { continue };
+                // With logprobs every token gets its chunk (possibly without text yet).
+                let lp = logprob.filter(|_| plan.logprobs).map(|l| (tok.decode(&[token]).unwrap_or_default(), l));
                 if texts[i].stopped {
                     merged.remove(&i);
-                    Some(chunk(i, &d, Some("stop"), None))
-                } else if d.is_empty() {
+                    Some(chunk(i, &d, Some("stop"), None, lp))
+                } else if d.is_empty() && lp.is_none() {
                     None
                 } else {
-                    Some(chunk(i, &d, None, None))
+                    Some(chunk(i, &d, None, None, lp))
                 }
             }
             Ok(GenEvent::Finished { reason, .. }) => {
                 let d = texts[i].finish().unwrap_or_default();
                 let calls = texts[i].tool_calls();
                 let reason = finish_reason(reason, texts[i].stopped, !calls.is_empty());
-                Some(chunk(i, &d, Some(reason), (!calls.is_empty()).then_some(calls)))
+                Some(chunk(i, &d, Some(reason), (!calls.is_empty()).then_some(calls), None))
             }
         };
         if let Some(v) = out
