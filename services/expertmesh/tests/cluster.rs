@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tonic::Code;
 
+/// Lease TTL of the workers, seconds (short, so that kill -9 shows within a test).
 const TTL: &str = "2";
 
 // Fields drop in order: workers before the etcd they talk to.
@@ -21,14 +22,22 @@ struct Cluster {
 }
 
 fn etcd_args(etcd: &EtcdServer) -> Vec<String> {
-    vec!["--etcd".into(), etcd.endpoint(), "--lease-ttl".into(), TTL.into()]
+    etcd_args_ttl(etcd, TTL)
+}
+
+fn etcd_args_ttl(etcd: &EtcdServer, ttl: &str) -> Vec<String> {
+    vec!["--etcd".into(), etcd.endpoint(), "--lease-ttl".into(), ttl.into()]
 }
 
 /// Expert workers holding `ranges`, and an attention worker (f32 on the wire, so that greedy
 /// tokens can be compared with the in-process engine exactly).
 async fn cluster(ranges: &[&str]) -> Cluster {
+    cluster_ttl(ranges, TTL).await
+}
+
+async fn cluster_ttl(ranges: &[&str], ttl: &str) -> Cluster {
     let etcd = EtcdServer::start();
-    let args = etcd_args(&etcd);
+    let args = etcd_args_ttl(&etcd, ttl);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let experts = ranges.iter().map(|r| Worker::expert(r, &args)).collect();
     let mut attention_args = args.clone();
@@ -64,7 +73,8 @@ async fn shards_register_vanish_after_kill9_and_placement_follows() {
     let t = Instant::now();
     let (ok, _) = wait_for(&mut view, Duration::from_secs(6), |v| !v.workers.contains_key(&killed)).await;
     assert!(ok, "killed shard deregistered after {:?}", t.elapsed());
-    assert!(t.elapsed() < Duration::from_secs(2 + 2), "within the TTL (2 s) plus slack: {:?}", t.elapsed());
+    // etcd expires leases on a ~0.5 s sweep; the rest is slack for a loaded machine.
+    assert!(t.elapsed() < Duration::from_secs(2 + 3), "within the TTL (2 s) plus slack: {:?}", t.elapsed());
     assert_eq!(generate(&mut client, greedy_request(p.clone(), 8)).await.unwrap(), reference.greedy(&p, 8));
 
     // No live holder of experts 0-7: requests fail fast with UNAVAILABLE naming an expert.
@@ -176,7 +186,8 @@ async fn sixty_four_concurrent_sequences_each_equal_their_solo_run() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_leaves_the_registry_at_once_and_drains_running_requests() {
-    let mut c = cluster(&["0-15", "0-15"]).await;
+    // A long TTL, so that "withdrawn at once" cannot be confused with the lease running out.
+    let mut c = cluster_ttl(&["0-15", "0-15"], "10").await;
     let reference = Reference::new();
     let watcher = observer(&c.etcd);
     let mut view = watcher.subscribe();
@@ -187,13 +198,13 @@ async fn sigterm_leaves_the_registry_at_once_and_drains_running_requests() {
     for i in 0..4 {
         generate(&mut client, greedy_request(prompt(40 + i, 6), 4)).await.unwrap();
     }
-    // An expert worker on SIGTERM withdraws at once (not after the 2 s TTL), ends its open call
-    // streams, and exits cleanly well before its 2 s drain deadline.
+    // An expert worker on SIGTERM withdraws at once (not after the 10 s TTL), ends its open call
+    // streams, and exits cleanly.
     let gone = c.experts[1].id.clone();
     let t = Instant::now();
     assert!(c.experts[1].terminate(), "expert exits with success");
     let (ok, _) = wait_for(&mut view, Duration::from_secs(5), |v| !v.workers.contains_key(&gone)).await;
-    assert!(ok && t.elapsed() < Duration::from_millis(1500), "withdrawn after {:?}", t.elapsed());
+    assert!(ok && t.elapsed() < Duration::from_secs(5), "withdrawn after {:?}", t.elapsed());
 
     // The attention worker on SIGTERM finishes the request it is running, then exits.
     let p = prompt(7, 6);

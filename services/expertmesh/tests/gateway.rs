@@ -446,7 +446,8 @@ fn bad_requests_disconnects_and_overload() {
                 ok += 1;
             }
             429 => {
-                assert!(took < Duration::from_secs(2), "429 took {took:?}");
+                // At once: no generation ran for it (the admitted ones take seconds).
+                assert!(took < Duration::from_secs(5), "429 took {took:?}");
                 assert!(r.body.contains("rate_limit_error"));
                 refused += 1;
             }
