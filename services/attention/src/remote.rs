@@ -187,15 +187,15 @@ impl RemoteExperts {
         let mut rows = Vec::with_capacity(call.tokens.len() * d);
         let mut expert_ids = vec![NO_EXPERT; call.tokens.len() * k];
         let mut weights = vec![0.0f32; call.tokens.len() * k];
-        let mut row_of = HashMap::with_capacity(call.tokens.len());
-        for (i, &t) in call.tokens.iter().enumerate() {
+        for &t in &call.tokens {
             rows.extend_from_slice(&hidden[t * d..(t + 1) * d]);
-            row_of.insert(t, i);
         }
         for &slot in &call.slots {
             let (t, j) = (slot / k, slot % k);
-            expert_ids[row_of[&t] * k + j] = routes.experts[slot];
-            weights[row_of[&t] * k + j] = routes.weights[slot];
+            // `tokens` is ascending (the plan walks sorted slots).
+            let row = call.tokens.binary_search(&t).expect("every slot's token is in its call");
+            expert_ids[row * k + j] = routes.experts[slot];
+            weights[row * k + j] = routes.weights[slot];
         }
         ForwardRequest {
             call_id: 0,

@@ -6,13 +6,13 @@
 
 use expertmesh_proto::v1::expert_service_client::ExpertServiceClient;
 use expertmesh_proto::v1::{ForwardRequest, ForwardResponse};
+use expertmesh_runtime::serve::lazy_channel;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 /// Largest gRPC message either way (must match the expert workers' limit).
@@ -56,14 +56,7 @@ impl Drop for PendingGuard<'_> {
 impl ShardLink {
     /// A link that connects on first use. Call within the runtime's context.
     pub fn new(endpoint: &str, streaming: bool) -> Result<Self, String> {
-        let channel = Endpoint::from_shared(endpoint.to_string())
-            .map_err(|e| format!("bad endpoint {endpoint:?}: {e}"))?
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(1))
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .connect_lazy();
-        let client = ExpertServiceClient::new(channel)
+        let client = ExpertServiceClient::new(lazy_channel(endpoint)?)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         Ok(ShardLink { client, streaming, stream: Mutex::new(None) })

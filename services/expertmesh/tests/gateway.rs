@@ -7,9 +7,6 @@ mod common;
 
 use common::Worker;
 use expertmesh_gateway::Tokenizer;
-use expertmesh_model::Preset;
-use expertmesh_model::checkpoint::{InitDtype, in_memory};
-use expertmesh_model::engine::{ExpertSelection, ExpertStore, LoadOptions, Model, Step};
 use expertmesh_runtime::testkit::EtcdServer;
 use serde_json::{Value, json};
 use std::io::{Read, Write};
@@ -21,6 +18,25 @@ const VOCAB: &str = "129280";
 
 fn tokenizer_path() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/tokenizer-deepseek-v3/tokenizer.json")
+}
+
+/// `expertmesh gateway` flags: the real tokenizer, free ports, this etcd (and key prefix).
+fn gateway_flags(tokenizer: &std::path::Path, etcd: &str, prefix: &str) -> Vec<String> {
+    let tok = tokenizer.to_str().unwrap();
+    [
+        "--tokenizer",
+        tok,
+        "--http-listen",
+        "127.0.0.1:0",
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--etcd",
+        etcd,
+        "--etcd-prefix",
+        prefix,
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 /// A raw HTTP/1.1 exchange (`Connection: close`): status and de-chunked body.
@@ -98,18 +114,9 @@ fn cluster(attention_workers: usize, gateway_args: &[&str]) -> Cluster {
     let mut args = base.to_vec();
     args.extend_from_slice(&["--wire-dtype", "f32"]);
     let attention = (0..attention_workers).map(|_| Worker::spawn("attention", &args)).collect();
-    let tok = tokenizer_path();
-    let mut gw = vec![
-        "--tokenizer",
-        tok.to_str().unwrap(),
-        "--http-listen",
-        "127.0.0.1:0",
-        "--grpc-listen",
-        "127.0.0.1:0",
-        "--etcd",
-        e.as_str(),
-    ];
-    gw.extend_from_slice(gateway_args);
+    let mut gw = gateway_flags(&tokenizer_path(), &e, "/expertmesh");
+    gw.extend(gateway_args.iter().map(|a| a.to_string()));
+    let gw: Vec<&str> = gw.iter().map(String::as_str).collect();
     let gateway = Worker::spawn_plain("gateway", &gw);
     // Ready when an engine is registered and can serve (experts registered too).
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -130,31 +137,6 @@ fn cluster(attention_workers: usize, gateway_args: &[&str]) -> Cluster {
     Cluster { gateway, attention, _experts: experts, _etcd: etcd }
 }
 
-/// Greedy tokens of the in-process engine for the same model (vocabulary 129280).
-fn reference_greedy(prompt: &[u32], n: usize) -> Vec<u32> {
-    let mut cfg = Preset::Tiny.config();
-    cfg.vocab_size = VOCAB.parse().unwrap();
-    let ckpt = in_memory(&cfg, 7, InitDtype::Bf16).unwrap();
-    let opts = LoadOptions { mtp: false, ..LoadOptions::default() };
-    let model = Model::load(&ckpt, opts).unwrap();
-    let store = ExpertStore::load(&ckpt, &ExpertSelection::all(), opts.sim).unwrap();
-    // Experts split like the cluster's shards, f32 wire: the same arithmetic (see common).
-    let grouped = common::WireSimulation {
-        store: store.into(),
-        shards: vec![(0..8).collect(), (8..16).collect()],
-        wire: expertmesh_runtime::wire::WireDType::F32,
-    };
-    let mut state = model.new_sequence();
-    let mut out = model.forward(&mut [Step::new(&mut state, prompt)], &grouped).unwrap();
-    let mut tokens = Vec::new();
-    while tokens.len() < n {
-        let t = expertmesh_model::engine::sampling::argmax(&out[0].logits) as u32;
-        tokens.push(t);
-        out = model.forward(&mut [Step::new(&mut state, &[t])], &grouped).unwrap();
-    }
-    tokens
-}
-
 #[test]
 fn completions_and_chat_over_http_streaming_and_not() {
     let c = cluster(1, &[]);
@@ -167,7 +149,9 @@ fn completions_and_chat_over_http_streaming_and_not() {
     assert_eq!(r.status, 200, "{}", r.body);
     let v: Value = serde_json::from_str(&r.body).unwrap();
     let ids = tok.encode(prompt).unwrap();
-    let expected_tokens = reference_greedy(&ids, 10);
+    // Experts grouped like the cluster's two shards, f32 wire: the same arithmetic (see common).
+    let expected_tokens =
+        common::Reference::grouped_with_vocab(&[0..8, 8..16], VOCAB.parse().unwrap()).greedy(&ids, 10);
     let eos_at = expected_tokens.iter().position(|&t| t == 1).unwrap_or(expected_tokens.len());
     assert_eq!(v["choices"][0]["text"], tok.decode(&expected_tokens[..eos_at]).unwrap());
     assert_eq!(v["usage"]["prompt_tokens"], ids.len());
@@ -459,23 +443,8 @@ fn bad_requests_disconnects_and_overload() {
     assert_eq!(post(&url, "/v1/completions", &json!({"prompt": "x", "max_tokens": 2}), &[]).status, 200);
 
     // A gateway with no attention worker answers 503 at once (and is not ready).
-    let tok = tokenizer_path();
-    let etcd = c._etcd.endpoint();
-    let lonely = Worker::spawn_plain(
-        "gateway",
-        &[
-            "--tokenizer",
-            tok.to_str().unwrap(),
-            "--http-listen",
-            "127.0.0.1:0",
-            "--grpc-listen",
-            "127.0.0.1:0",
-            "--etcd",
-            &etcd,
-            "--etcd-prefix",
-            "/nobody",
-        ],
-    );
+    let flags = gateway_flags(&tokenizer_path(), &c._etcd.endpoint(), "/nobody");
+    let lonely = Worker::spawn_plain("gateway", &flags.iter().map(String::as_str).collect::<Vec<_>>());
     let t = Instant::now();
     check(post(&lonely.endpoint, "/v1/completions", &json!({"prompt": "x"}), &[]), 503, "no attention worker");
     assert!(t.elapsed() < Duration::from_secs(2));

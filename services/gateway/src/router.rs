@@ -4,11 +4,11 @@
 
 use expertmesh_proto::v1::engine_service_client::EngineServiceClient;
 use expertmesh_runtime::registry::{RegistryView, Role};
+use expertmesh_runtime::serve::lazy_channel;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 pub struct EngineRouter {
     view: watch::Receiver<Arc<RegistryView>>,
@@ -61,14 +61,7 @@ impl EngineRouter {
             match clients.get(&best.endpoint) {
                 Some(c) => c.clone(),
                 None => {
-                    let channel = Endpoint::from_shared(best.endpoint.clone())
-                        .ok()?
-                        .tcp_nodelay(true)
-                        .connect_timeout(Duration::from_secs(1))
-                        .http2_keep_alive_interval(Duration::from_secs(5))
-                        .keep_alive_timeout(Duration::from_secs(5))
-                        .connect_lazy();
-                    let c = EngineServiceClient::new(channel);
+                    let c = EngineServiceClient::new(lazy_channel(&best.endpoint).ok()?);
                     clients.insert(best.endpoint.clone(), c.clone());
                     c
                 }

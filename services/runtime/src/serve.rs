@@ -2,7 +2,9 @@
 //! messages wait for Nagle's timer and a step's latency balloons), and the address to advertise.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Channel, Endpoint};
 
 use crate::error::ServiceError;
 
@@ -34,6 +36,18 @@ pub fn advertised_endpoint(bound: SocketAddr, advertise: Option<&str>) -> String
             format!("http://{}", SocketAddr::new(ip, bound.port()))
         }
     }
+}
+
+/// A client channel to another worker that connects on first use: `TCP_NODELAY`, a short
+/// connect timeout, HTTP/2 keep-alives to notice dead peers. Call within a tokio runtime context.
+pub fn lazy_channel(url: &str) -> Result<Channel, String> {
+    Ok(Endpoint::from_shared(url.to_string())
+        .map_err(|e| format!("bad endpoint {url:?}: {e}"))?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(1))
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .connect_lazy())
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 use anyhow::Result;
 use expertmesh_model::Preset;
 use expertmesh_model::checkpoint::{Checkpoint, InitDtype, write_checkpoint};
+use expertmesh_model::engine::sampling::argmax;
 use expertmesh_model::engine::{ExpertBackend, ExpertSelection, ExpertStore, LoadOptions, Model, SequenceState, Step};
 use expertmesh_model::kernels;
 use std::time::Instant;
@@ -41,16 +42,12 @@ pub fn measure(
     let prefill = (batch * prompt_len) as f64 / t.elapsed().as_secs_f64();
     let t = Instant::now();
     for _ in 0..decode {
-        let next: Vec<[u32; 1]> = outs.iter().map(|o| [argmax(&o.logits)]).collect();
+        let next: Vec<[u32; 1]> = outs.iter().map(|o| [argmax(&o.logits) as u32]).collect();
         let mut steps: Vec<Step> = states.iter_mut().zip(&next).map(|(s, n)| Step::new(s, n)).collect();
         outs = model.forward(&mut steps, experts)?;
     }
     let decode_tps = (batch * decode) as f64 / t.elapsed().as_secs_f64();
     Ok((prefill, decode_tps))
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i as u32)
 }
 
 fn rss_bytes() -> Option<usize> {

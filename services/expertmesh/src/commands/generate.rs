@@ -3,6 +3,7 @@
 
 use anyhow::Result;
 use clap::Args;
+use expertmesh_model::engine::sampling::argmax;
 use expertmesh_model::engine::{ExpertSelection, ExpertStore, LoadOptions, Model, Step};
 use std::io::Write;
 use std::time::Instant;
@@ -53,8 +54,4 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         (generated.saturating_sub(1)) as f64 / decode_s.max(1e-9)
     );
     Ok(())
-}
-
-fn argmax(v: &[f32]) -> usize {
-    v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i)
 }

@@ -22,7 +22,14 @@ use tonic::transport::Channel;
 pub const SEED: &str = "7";
 
 pub fn checkpoint() -> Checkpoint {
-    in_memory(&Preset::Tiny.config(), SEED.parse().unwrap(), InitDtype::Bf16).unwrap()
+    checkpoint_with_vocab(Preset::Tiny.config().vocab_size)
+}
+
+/// The workers' model with `vocab` rows (`--vocab-size`).
+pub fn checkpoint_with_vocab(vocab: usize) -> Checkpoint {
+    let mut cfg = Preset::Tiny.config();
+    cfg.vocab_size = vocab;
+    in_memory(&cfg, SEED.parse().unwrap(), InitDtype::Bf16).unwrap()
 }
 
 /// A worker process of the `expertmesh` binary; killed (SIGKILL) when dropped.
@@ -142,7 +149,10 @@ pub struct Reference {
 impl Reference {
     /// Experts summed in one sequence per token (the monolithic engine).
     pub fn new() -> Self {
-        let ckpt = checkpoint();
+        Self::load(checkpoint())
+    }
+
+    fn load(ckpt: Checkpoint) -> Self {
         let opts = LoadOptions { mtp: false, ..LoadOptions::default() };
         let experts = Arc::new(ExpertStore::load(&ckpt, &ExpertSelection::all(), opts.sim).unwrap());
         Reference {
@@ -155,7 +165,12 @@ impl Reference {
     /// Experts summed per shard group, then the groups added: a cluster whose shards partition
     /// the experts into `groups`, with f32 on the wire.
     pub fn grouped(groups: &[std::ops::Range<u32>]) -> Self {
-        let mut r = Self::new();
+        Self::grouped_with_vocab(groups, Preset::Tiny.config().vocab_size)
+    }
+
+    /// [`Self::grouped`] for workers started with `--vocab-size vocab`.
+    pub fn grouped_with_vocab(groups: &[std::ops::Range<u32>], vocab: usize) -> Self {
+        let mut r = Self::load(checkpoint_with_vocab(vocab));
         let shards = groups.iter().map(|g| g.clone().collect()).collect();
         r.backend = Box::new(WireSimulation { store: r.experts.clone(), shards, wire: WireDType::F32 });
         r
