@@ -21,6 +21,11 @@ pub const NO_EXPERT: u32 = u32::MAX;
 /// its slots (`routes.experts[t·k + j]`, `routes.weights[t·k + j]`), as `[T, dim]`.
 pub trait ExpertBackend: Send + Sync {
     fn forward(&self, layer: usize, hidden: &[f32], routes: &Routes) -> Result<Vec<f32>, ExpertError>;
+
+    /// Called by an engine before each step with the trace ids (W3C, 16 bytes) of the sampled
+    /// requests in it, so a remote backend can carry them to the workers' logs. The math ignores
+    /// them.
+    fn begin_step(&self, _trace_ids: &[[u8; 16]]) {}
 }
 
 /// Which routed experts a store holds: every `(layer, expert)` of `layers × experts`, or an

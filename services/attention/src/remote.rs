@@ -11,6 +11,7 @@ use expertmesh_model::ExpertError;
 use expertmesh_model::engine::{ExpertBackend, NO_EXPERT};
 use expertmesh_model::layers::router::Routes;
 use expertmesh_proto::v1::ForwardRequest;
+use expertmesh_runtime::metrics::{FailoverReason, dispatch};
 use expertmesh_runtime::registry::{RegistryView, Role, Topology, WorkerRecord};
 use expertmesh_runtime::wire::{self, WireDType};
 use prost::Message;
@@ -66,6 +67,8 @@ pub struct RemoteExperts {
     suspects: Mutex<HashMap<String, Instant>>,
     rotation: AtomicU64,
     pub stats: Arc<RemoteStats>,
+    /// Trace ids of the sampled requests in the current step (sent with every call).
+    step_traces: Mutex<Vec<Vec<u8>>>,
 }
 
 #[derive(Default)]
@@ -96,6 +99,7 @@ impl RemoteExperts {
             suspects: Mutex::new(HashMap::new()),
             rotation: AtomicU64::new(0),
             stats: Arc::new(RemoteStats::default()),
+            step_traces: Mutex::new(Vec::new()),
         }
     }
 
@@ -116,6 +120,7 @@ impl RemoteExperts {
             let p = Placement::from_view(&view, self.opts.n_blocks, self.opts.n_experts, &self.opts.overrides);
             let live: std::collections::HashSet<&str> = p.shards.iter().map(|s| s.endpoint.as_str()).collect();
             self.links.lock().unwrap().retain(|endpoint, _| live.contains(endpoint.as_str()));
+            export_coverage(&p, self.opts.n_blocks, self.opts.n_experts);
             cached.placement = Arc::new(p);
             cached.experts = experts;
         }
@@ -205,7 +210,17 @@ impl RemoteExperts {
             weights,
             experts_per_token: k as u32,
             output_dtype: self.opts.wire.to_proto() as i32,
+            trace_ids: self.step_traces.lock().unwrap().clone(),
         }
+    }
+}
+
+/// Replicas of each expert (the fewest over the layers), for the "no live replica" alert.
+fn export_coverage(p: &Placement, n_blocks: usize, n_experts: usize) {
+    let gauge = &dispatch().live_replicas;
+    for e in 0..n_experts {
+        let fewest = (0..n_blocks).map(|l| p.replicas(l, e).len()).min().unwrap_or(0);
+        gauge.with_label_values(&[&e.to_string()]).set(fewest as i64);
     }
 }
 
@@ -213,12 +228,16 @@ impl RemoteExperts {
 enum Outcome {
     Done(Vec<f32>),
     /// Worth retrying on another replica (transport failure, shard gone or not holding).
-    Failover(String),
+    Failover(FailoverReason, String),
     /// The request itself was wrong: retrying cannot help.
     Fatal(ExpertError),
 }
 
 impl ExpertBackend for RemoteExperts {
+    fn begin_step(&self, trace_ids: &[[u8; 16]]) {
+        *self.step_traces.lock().unwrap() = trace_ids.iter().map(|t| t.to_vec()).collect();
+    }
+
     fn forward(&self, layer: usize, hidden: &[f32], routes: &Routes) -> Result<Vec<f32>, ExpertError> {
         let d = self.opts.dim;
         let placement = self.placement();
@@ -227,7 +246,11 @@ impl ExpertBackend for RemoteExperts {
         let mut failed = vec![false; placement.shards.len()];
         let mut pending: Vec<usize> = (0..routes.experts.len()).filter(|&s| routes.experts[s] != NO_EXPERT).collect();
         let stats = &self.stats;
+        let metrics = dispatch();
         stats.token_layers.fetch_add(routes.tokens() as u64, Ordering::Relaxed);
+        metrics.tokens.inc_by(routes.tokens() as u64);
+        let started = Instant::now();
+        let mut combining = Duration::ZERO;
         while !pending.is_empty() {
             pending.sort_unstable();
             let calls = self.plan(&placement, layer, routes, &pending, &failed, rotation)?;
@@ -235,12 +258,14 @@ impl ExpertBackend for RemoteExperts {
             for c in &calls {
                 let req = self.request(layer, hidden, routes, c);
                 stats.bytes_sent.fetch_add(req.encoded_len() as u64, Ordering::Relaxed);
+                metrics.sent_bytes.inc_by(req.encoded_len() as u64);
                 let ideal = c.tokens.len() * (2 * d * self.opts.wire.bytes() + 8 * routes.k);
                 stats.ideal_bytes.fetch_add(ideal as u64, Ordering::Relaxed);
                 let shard = &placement.shards[c.shard];
                 requests.push((self.link(&shard.endpoint), req, c.tokens.len()));
             }
             stats.calls.fetch_add(calls.len() as u64, Ordering::Relaxed);
+            metrics.calls.inc_by(calls.len() as u64);
             let timeout = self.opts.call_timeout;
             let received = stats.clone();
             // The calls run concurrently, polled from this thread: no task hop per call.
@@ -248,6 +273,7 @@ impl ExpertBackend for RemoteExperts {
                 requests.into_iter().map(|(client, req, rows)| call_shard(client, req, rows, d, timeout, &received)),
             ));
             pending.clear();
+            let combine_start = Instant::now();
             // Sum in shard order (not completion order), so results do not depend on timing.
             for (c, outcome) in calls.iter().zip(outcomes) {
                 match outcome {
@@ -256,9 +282,10 @@ impl ExpertBackend for RemoteExperts {
                             out[t * d..(t + 1) * d].iter_mut().zip(&y[i * d..(i + 1) * d]).for_each(|(o, v)| *o += v);
                         }
                     }
-                    Outcome::Failover(why) => {
+                    Outcome::Failover(reason, why) => {
                         let shard = &placement.shards[c.shard];
                         tracing::warn!(shard = %shard.id, layer, reason = %why, "expert call failed; retrying on another replica");
+                        metrics.failover(reason);
                         failed[c.shard] = true;
                         let suspect_for = SUSPECT_FOR.max(self.opts.call_timeout);
                         self.suspects.lock().unwrap().insert(shard.id.clone(), Instant::now() + suspect_for);
@@ -271,7 +298,10 @@ impl ExpertBackend for RemoteExperts {
                     Outcome::Fatal(e) => return Err(e),
                 }
             }
+            combining += combine_start.elapsed();
         }
+        metrics.dispatch_seconds.observe((started.elapsed() - combining).as_secs_f64());
+        metrics.combine_seconds.observe(combining.as_secs_f64());
         Ok(out)
     }
 }
@@ -286,26 +316,31 @@ async fn call_shard(
 ) -> Outcome {
     let link = match link {
         Ok(l) => l,
-        Err(e) => return Outcome::Failover(e),
+        Err(e) => return Outcome::Failover(FailoverReason::Unavailable, e),
     };
     let reply = match tokio::time::timeout(timeout, link.call(req)).await {
-        Err(_) => return Outcome::Failover(format!("no reply within {timeout:?}")),
+        Err(_) => return Outcome::Failover(FailoverReason::Timeout, format!("no reply within {timeout:?}")),
         Ok(Err(status)) => {
             return match status.code() {
                 Code::InvalidArgument | Code::OutOfRange => {
                     Outcome::Fatal(ExpertError::InvalidRequest(status.message().to_string()))
                 }
-                _ => Outcome::Failover(format!("{:?}: {}", status.code(), status.message())),
+                _ => {
+                    Outcome::Failover(FailoverReason::Unavailable, format!("{:?}: {}", status.code(), status.message()))
+                }
             };
         }
         Ok(Ok(r)) => r,
     };
     stats.bytes_received.fetch_add(reply.encoded_len() as u64, Ordering::Relaxed);
+    dispatch().received_bytes.inc_by(reply.encoded_len() as u64);
     match wire::decode(reply.output.as_ref(), dim, "output") {
         Ok(m) if m.rows == rows => Outcome::Done(m.values),
         // A worker answering nonsense (another checkpoint, a bug) is treated like a failed one:
         // excluded, and its tokens go to another replica.
-        Ok(m) => Outcome::Failover(format!("invalid reply: {} rows for {rows} tokens", m.rows)),
-        Err(e) => Outcome::Failover(format!("invalid reply: {e}")),
+        Ok(m) => {
+            Outcome::Failover(FailoverReason::InvalidReply, format!("invalid reply: {} rows for {rows} tokens", m.rows))
+        }
+        Err(e) => Outcome::Failover(FailoverReason::InvalidReply, format!("invalid reply: {e}")),
     }
 }

@@ -8,7 +8,9 @@ use expertmesh_proto::v1::{
     TokenEvent,
 };
 use expertmesh_runtime::ServiceError;
+use expertmesh_runtime::metrics::{ErrorKind, RequestRole, requests};
 use expertmesh_runtime::shutdown::Shutdown;
+use expertmesh_runtime::trace::TraceContext;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,7 +33,7 @@ impl EngineServiceImpl {
         EngineServiceImpl { scheduler, shutdown, next_id: Arc::new(AtomicU64::new(0)), worker_id }
     }
 
-    fn params(&self, r: GenerateRequest) -> Result<GenerateParams, ServiceError> {
+    fn params(&self, r: GenerateRequest, trace: Option<TraceContext>) -> Result<GenerateParams, ServiceError> {
         let s = r.sampling.ok_or_else(|| ServiceError::invalid("sampling", "missing (max_tokens is required)"))?;
         let id = if r.request_id.is_empty() {
             format!("{}-{}", self.worker_id, self.next_id.fetch_add(1, Ordering::Relaxed))
@@ -49,6 +51,7 @@ impl EngineServiceImpl {
             max_tokens: s.max_tokens as usize,
             stop_tokens: s.stop_token_ids,
             logprobs: s.logprobs,
+            trace,
         })
     }
 }
@@ -92,9 +95,16 @@ impl EngineService for EngineServiceImpl {
         if self.shutdown.is_triggered() {
             return Err(ServiceError::Unavailable(format!("{} is shutting down", self.worker_id)).into());
         }
-        let params = self.params(request.into_inner())?;
-        let id = params.id.clone();
-        let mut rx = self.scheduler.submit(params)?;
+        let trace = TraceContext::from_metadata(request.metadata());
+        let submitted = self.params(request.into_inner(), trace).and_then(|p| {
+            let id = p.id.clone();
+            Ok((id, self.scheduler.submit(p)?))
+        });
+        let (id, mut rx) = submitted.inspect_err(|e| {
+            requests().role(RequestRole::Attention).failed(ErrorKind::of_code(e.code()));
+            let trace_id = trace.map_or_else(|| "-".into(), |t| t.trace_id_hex());
+            tracing::info!(%trace_id, error = %e, "request refused");
+        })?;
         let stream = async_stream(move |tx| async move {
             loop {
                 let e = tokio::select! {

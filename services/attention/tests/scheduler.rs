@@ -54,6 +54,7 @@ fn params(id: &str, prompt: Vec<u32>, max_tokens: usize) -> GenerateParams {
         max_tokens,
         stop_tokens: vec![],
         logprobs: false,
+        trace: None,
     }
 }
 

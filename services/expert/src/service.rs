@@ -4,11 +4,15 @@ use expertmesh_model::engine::ExpertStore;
 use expertmesh_proto::v1::expert_service_server::ExpertService;
 use expertmesh_proto::v1::{CallError, ForwardRequest, ForwardResponse, ShardInfo, ShardInfoRequest};
 use expertmesh_runtime::ServiceError;
+use expertmesh_runtime::metrics::{ErrorKind, ExpertWorkerMetrics};
 use expertmesh_runtime::shutdown::Shutdown;
+use expertmesh_runtime::trace::to_hex;
 use expertmesh_runtime::wire;
+use prost::Message;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
@@ -31,6 +35,7 @@ struct Inner {
     max_tokens: usize,
     calls: AtomicU64,
     tokens: AtomicU64,
+    metrics: ExpertWorkerMetrics,
 }
 
 impl ExpertServiceImpl {
@@ -40,9 +45,21 @@ impl ExpertServiceImpl {
         max_tokens: usize,
         pool: Option<Arc<rayon::ThreadPool>>,
         shutdown: Shutdown,
+        per_layer_metrics: bool,
     ) -> Self {
-        let inner =
-            Inner { store, pool, shutdown, worker_id, max_tokens, calls: AtomicU64::new(0), tokens: AtomicU64::new(0) };
+        let held: Vec<(usize, usize)> = store.held().collect();
+        let metrics = expertmesh_runtime::metrics::expert().worker(&worker_id, &held, per_layer_metrics);
+        metrics.resident_bytes.set(store.resident_bytes() as i64);
+        let inner = Inner {
+            store,
+            pool,
+            shutdown,
+            worker_id,
+            max_tokens,
+            calls: AtomicU64::new(0),
+            tokens: AtomicU64::new(0),
+            metrics,
+        };
         ExpertServiceImpl { inner: Arc::new(inner) }
     }
 
@@ -51,16 +68,42 @@ impl ExpertServiceImpl {
         (self.inner.calls.load(Ordering::Relaxed), self.inner.tokens.load(Ordering::Relaxed))
     }
 
+    /// One call, counted in the worker's metrics whichever way it ends.
     async fn call(&self, r: ForwardRequest) -> Result<ForwardResponse, ServiceError> {
+        let arrived = Instant::now();
+        let m = &self.inner.metrics;
+        m.received_bytes.inc_by(r.encoded_len() as u64);
+        let result = self.compute(r, arrived).await;
+        match &result {
+            Ok(reply) => {
+                m.sent_bytes.inc_by(reply.encoded_len() as u64);
+                m.forward_seconds.observe(arrived.elapsed().as_secs_f64());
+            }
+            Err(e) => m.failed(ErrorKind::of_code(e.code())),
+        }
+        result
+    }
+
+    async fn compute(&self, r: ForwardRequest, arrived: Instant) -> Result<ForwardResponse, ServiceError> {
         let inner = &self.inner;
         let call_id = r.call_id;
+        if !r.trace_ids.is_empty() {
+            let traces: Vec<String> = r.trace_ids.iter().map(|t| to_hex(t)).collect();
+            tracing::debug!(worker = %inner.worker_id, layer = r.layer, trace_ids = ?traces, "forward call");
+        }
         let call = ForwardCall::parse(r, &inner.store, &inner.worker_id, inner.max_tokens)?;
         let (tx, rx) = oneshot::channel();
         let store = inner.store.clone();
         let (layer, tokens, dtype) = (call.layer, call.tokens, call.output_dtype);
+        let this = self.inner.clone();
         // The math runs on the compute pool; this task only waits.
         let job = move || {
-            let _ = tx.send(store.compute(call.layer, &call.hidden, &call.routes));
+            this.metrics.queue_seconds.observe(arrived.elapsed().as_secs_f64());
+            let out = store.compute(call.layer, &call.hidden, &call.routes);
+            if out.is_ok() {
+                this.metrics.routed(call.layer, &call.routes.experts);
+            }
+            let _ = tx.send(out);
         };
         match &inner.pool {
             Some(pool) => pool.spawn(job),
@@ -72,6 +115,8 @@ impl ExpertServiceImpl {
             .map_err(|e| ServiceError::Internal(format!("layer {layer}: {e}")))?;
         inner.calls.fetch_add(1, Ordering::Relaxed);
         inner.tokens.fetch_add(tokens as u64, Ordering::Relaxed);
+        inner.metrics.calls.inc();
+        inner.metrics.tokens.inc_by(tokens as u64);
         Ok(ForwardResponse { call_id, output: Some(wire::encode(&out, tokens, inner.store.dim(), dtype)), error: None })
     }
 }

@@ -31,6 +31,8 @@ pub struct ExpertWorkerOptions {
     pub drain: Duration,
     /// Compute pool for this worker's math (`None`: the process's global pool).
     pub pool: Option<Arc<rayon::ThreadPool>>,
+    /// Export routed-token counts per (layer, expert) as well as per expert.
+    pub per_layer_metrics: bool,
 }
 
 pub struct RunningExpertWorker {
@@ -70,8 +72,14 @@ pub async fn start(
     let addr = listener.addr;
     let endpoint = serve::advertised_endpoint(addr, opts.advertise.as_deref());
     let id = opts.id.clone().unwrap_or_else(|| format!("expert-{}", addr.port()));
-    let service =
-        ExpertServiceImpl::new(store.clone(), id.clone(), opts.max_tokens, opts.pool.clone(), shutdown.clone());
+    let service = ExpertServiceImpl::new(
+        store.clone(),
+        id.clone(),
+        opts.max_tokens,
+        opts.pool.clone(),
+        shutdown.clone(),
+        opts.per_layer_metrics,
+    );
     let record = WorkerRecord {
         id: id.clone(),
         role: Role::Expert,

@@ -15,6 +15,9 @@ struct Cli {
     /// Compute threads (model math runs on a dedicated pool of this size).
     #[arg(long, global = true, env = "EXPERTMESH_THREADS")]
     threads: Option<usize>,
+    /// Log lines as text or as JSON objects (one per line); `RUST_LOG` filters.
+    #[arg(long, global = true, env = "EXPERTMESH_LOG_FORMAT", default_value = "text")]
+    log_format: expertmesh_runtime::logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -45,6 +48,7 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    expertmesh_runtime::logging::init(cli.log_format);
     let threads = cli.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     if let Err(e) =
         rayon::ThreadPoolBuilder::new().num_threads(threads).thread_name(|i| format!("compute-{i}")).build_global()

@@ -26,6 +26,7 @@ fn good_call(tokens: usize) -> ForwardRequest {
         weights: vec![0.25; tokens * 4],
         experts_per_token: 4,
         output_dtype: 0,
+        trace_ids: vec![],
     }
 }
 

@@ -5,11 +5,16 @@
 use expertmesh_proto::v1::generate_event::Event;
 use expertmesh_proto::v1::{FinishReason, GenerateRequest, SamplingParams};
 use expertmesh_runtime::ServiceError;
+use expertmesh_runtime::trace::TraceContext;
 use std::collections::HashSet;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use tokio::sync::mpsc;
 use tonic::Code;
+use tracing::Instrument;
 
+use crate::observe::Observer;
 use crate::router::EngineRouter;
 
 /// Resubmissions after worker failures, at most.
@@ -23,21 +28,65 @@ pub enum GenEvent {
 
 #[derive(Clone, Debug)]
 pub struct GenRequest {
+    /// Sent to the engine (its logs and `Cancel` use it).
+    pub id: String,
     pub prompt: Vec<u32>,
     pub sampling: SamplingParams,
+    pub trace: TraceContext,
 }
 
-/// Starts the generation; events arrive on the receiver (dropping it cancels the work: the
-/// engine stream is dropped, which the engine notices).
-pub fn start(router: Arc<EngineRouter>, req: GenRequest) -> mpsc::Receiver<Result<GenEvent, ServiceError>> {
-    let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(async move {
-        let result = drive(&router, req, &tx).await;
-        if let Err(e) = result {
-            let _ = tx.send(Err(e)).await;
+pub type GenItem = Result<GenEvent, ServiceError>;
+
+/// A running generation: a stream of its events, observed for metrics and logs as the caller
+/// takes them. Dropping it cancels the work (the engine stream is dropped, which the engine
+/// notices).
+pub struct Generation {
+    rx: mpsc::Receiver<GenItem>,
+    observer: Observer,
+}
+
+impl Generation {
+    pub async fn recv(&mut self) -> Option<GenItem> {
+        let item = self.rx.recv().await;
+        if let Some(item) = &item {
+            self.observer.see(item);
         }
-    });
-    rx
+        item
+    }
+
+    /// The caller ended the generation on a stop string (a finish, not an abort).
+    pub fn stopped_by_text(mut self) {
+        self.observer.stopped();
+    }
+}
+
+impl tokio_stream::Stream for Generation {
+    type Item = GenItem;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<GenItem>> {
+        let this = &mut *self;
+        let polled = this.rx.poll_recv(cx);
+        if let Poll::Ready(Some(item)) = &polled {
+            this.observer.see(item);
+        }
+        polled
+    }
+}
+
+/// Starts the generation (within the caller's tracing span).
+pub fn start(router: Arc<EngineRouter>, req: GenRequest) -> Generation {
+    let (tx, rx) = mpsc::channel(64);
+    let observer = Observer::start(&req.id, &req.trace, req.prompt.len());
+    tokio::spawn(
+        async move {
+            let result = drive(&router, req, &tx).await;
+            if let Err(e) = result {
+                let _ = tx.send(Err(e)).await;
+            }
+        }
+        .in_current_span(),
+    );
+    Generation { rx, observer }
 }
 
 /// Worth trying another worker: the worker is gone or going, not the request being wrong.
@@ -73,7 +122,12 @@ async fn drive(
         let mut prompt = req.prompt.clone();
         prompt.extend_from_slice(&generated);
         let sampling = SamplingParams { max_tokens: max_tokens - generated.len() as u32, ..req.sampling.clone() };
-        let request = GenerateRequest { request_id: String::new(), prompt_tokens: prompt, sampling: Some(sampling) };
+        let mut request = tonic::Request::new(GenerateRequest {
+            request_id: req.id.clone(),
+            prompt_tokens: prompt,
+            sampling: Some(sampling),
+        });
+        req.trace.child().inject(request.metadata_mut());
         let mut stream = match lease.client.generate(request).await {
             Ok(s) => s.into_inner(),
             Err(status) if worker_failure(&status) => {

@@ -15,12 +15,16 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::chat::{self, ChatOptions, Content, FunctionCall, Message, ThinkingMode};
-use crate::generation::{self, GenEvent, GenRequest};
+use crate::generation::{self, GenEvent};
+use crate::observe::gateway_metrics;
 use crate::openai::ApiError;
 use crate::openai::AppState;
-use crate::openai::handlers::{Plan, check_key, finish_reason, plan};
+use crate::openai::handlers::{Plan, RequestContext, check_key, finish_reason, plan};
 use crate::openai::requests::{OneOrMany, Sampling};
 use crate::openai::text::TextAssembler;
+use expertmesh_runtime::metrics::ErrorKind;
+use expertmesh_runtime::trace::TRACEPARENT;
+use tracing::Instrument;
 
 pub struct InferenceService {
     state: Arc<AppState>,
@@ -49,8 +53,24 @@ impl InferenceService {
         }
     }
 
+    fn context<T>(&self, r: &Request<T>, prefix: &str) -> RequestContext {
+        let traceparent = r.metadata().get(TRACEPARENT).and_then(|v| v.to_str().ok());
+        RequestContext::new(prefix, traceparent, self.state.trace_sample_ratio)
+    }
+
+    /// Starts a planned request within its span; a refusal (bad plan, overload, no worker) is
+    /// counted and logged.
+    fn start(&self, plan: Result<Plan, Status>, ctx: RequestContext) -> Result<Response<EventStream>, Status> {
+        let span = ctx.span();
+        let _in_span = span.enter();
+        plan.and_then(|p| self.run(p, ctx)).map(Response::new).inspect_err(|status| {
+            gateway_metrics().failed(ErrorKind::of_code(status.code()));
+            tracing::info!(code = ?status.code(), message = status.message(), "request refused");
+        })
+    }
+
     /// Runs a plan; events stream back (the stream's end cancels the generation).
-    fn run(&self, plan: Plan) -> Result<EventStream, Status> {
+    fn run(&self, plan: Plan, ctx: RequestContext) -> Result<EventStream, Status> {
         let permit = self
             .state
             .slots
@@ -60,14 +80,13 @@ impl InferenceService {
         if self.state.engines.workers() == 0 {
             return Err(Status::unavailable("no attention worker is available"));
         }
+        tracing::info!(prompt_tokens = plan.prompt.len(), "request accepted");
         let state = self.state.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(64);
-        tokio::spawn(async move {
+        let task = async move {
             let _permit = permit;
-            let mut events = generation::start(
-                state.engines.clone(),
-                GenRequest { prompt: plan.prompt.clone(), sampling: plan.sampling.clone() },
-            );
+            let mut events =
+                generation::start(state.engines.clone(), ctx.generation(0, plan.prompt.clone(), plan.sampling.clone()));
             let mut text = TextAssembler::new(
                 &state.tokenizer,
                 state.stop_ids.clone(),
@@ -109,6 +128,7 @@ impl InferenceService {
                 let stop_now = text.stopped;
                 if tx.send(out.map(|e| InferenceEvent { event: Some(e) })).await.is_err() || stop_now {
                     if stop_now {
+                        events.stopped_by_text();
                         let done = Done {
                             finish_reason: "stop".into(),
                             prompt_tokens: plan.prompt.len() as u32,
@@ -119,8 +139,53 @@ impl InferenceService {
                     return;
                 }
             }
-        });
+        };
+        tokio::spawn(task.in_current_span());
         Ok(Box::pin(ReceiverStream::new(rx)))
+    }
+
+    fn generate_plan(&self, request: Request<InferenceRequest>) -> Result<Plan, Status> {
+        self.authorize(&request)?;
+        let r = request.into_inner();
+        let prompt = match r.prompt {
+            Some(inference_request::Prompt::Text(t)) => {
+                self.state.tokenizer.encode(&t).map_err(|e| Status::invalid_argument(format!("prompt: {e}")))?
+            }
+            Some(inference_request::Prompt::Tokens(t)) => t.ids,
+            None => return Err(Status::invalid_argument("prompt: missing (text or tokens)")),
+        };
+        Ok(plan(&self.state, &Self::sampling(r.options), prompt)?)
+    }
+
+    fn chat_plan(&self, request: Request<GrpcChat>) -> Result<Plan, Status> {
+        self.authorize(&request)?;
+        let r = request.into_inner();
+        if r.messages.is_empty() {
+            return Err(Status::invalid_argument("messages: empty"));
+        }
+        let tools = r
+            .tools_json
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                serde_json::from_str::<Value>(t).map_err(|e| Status::invalid_argument(format!("tools_json[{i}]: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let opts = ChatOptions {
+            thinking: if r.thinking { ThinkingMode::Thinking } else { ThinkingMode::Chat },
+            drop_thinking: true,
+            tools: tools.clone(),
+            ..ChatOptions::default()
+        };
+        let messages: Vec<Message> = r.messages.into_iter().map(to_message).collect();
+        let text =
+            chat::encode_chat(&messages, &opts).map_err(|e| Status::invalid_argument(format!("messages: {e}")))?;
+        let prompt =
+            self.state.tokenizer.encode(&text).map_err(|e| Status::invalid_argument(format!("messages: {e}")))?;
+        let mut plan = plan(&self.state, &Self::sampling(r.options), prompt)?;
+        plan.reasoning = r.thinking;
+        plan.tools = !tools.is_empty();
+        Ok(plan)
     }
 }
 
@@ -159,48 +224,13 @@ impl Inference for InferenceService {
     type ChatStream = EventStream;
 
     async fn generate(&self, request: Request<InferenceRequest>) -> Result<Response<EventStream>, Status> {
-        self.authorize(&request)?;
-        let r = request.into_inner();
-        let prompt = match r.prompt {
-            Some(inference_request::Prompt::Text(t)) => {
-                self.state.tokenizer.encode(&t).map_err(|e| Status::invalid_argument(format!("prompt: {e}")))?
-            }
-            Some(inference_request::Prompt::Tokens(t)) => t.ids,
-            None => return Err(Status::invalid_argument("prompt: missing (text or tokens)")),
-        };
-        let plan = plan(&self.state, &Self::sampling(r.options), prompt)?;
-        Ok(Response::new(self.run(plan)?))
+        let ctx = self.context(&request, "cmpl");
+        self.start(self.generate_plan(request), ctx)
     }
 
     async fn chat(&self, request: Request<GrpcChat>) -> Result<Response<EventStream>, Status> {
-        self.authorize(&request)?;
-        let r = request.into_inner();
-        if r.messages.is_empty() {
-            return Err(Status::invalid_argument("messages: empty"));
-        }
-        let tools = r
-            .tools_json
-            .iter()
-            .enumerate()
-            .map(|(i, t)| {
-                serde_json::from_str::<Value>(t).map_err(|e| Status::invalid_argument(format!("tools_json[{i}]: {e}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let opts = ChatOptions {
-            thinking: if r.thinking { ThinkingMode::Thinking } else { ThinkingMode::Chat },
-            drop_thinking: true,
-            tools: tools.clone(),
-            ..ChatOptions::default()
-        };
-        let messages: Vec<Message> = r.messages.into_iter().map(to_message).collect();
-        let text =
-            chat::encode_chat(&messages, &opts).map_err(|e| Status::invalid_argument(format!("messages: {e}")))?;
-        let prompt =
-            self.state.tokenizer.encode(&text).map_err(|e| Status::invalid_argument(format!("messages: {e}")))?;
-        let mut plan = plan(&self.state, &Self::sampling(r.options), prompt)?;
-        plan.reasoning = r.thinking;
-        plan.tools = !tools.is_empty();
-        Ok(Response::new(self.run(plan)?))
+        let ctx = self.context(&request, "chatcmpl");
+        self.start(self.chat_plan(request), ctx)
     }
 
     async fn tokenize(&self, request: Request<TokenizeRequest>) -> Result<Response<TokenizeResponse>, Status> {

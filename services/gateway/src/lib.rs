@@ -6,6 +6,7 @@ pub mod chat;
 pub mod detok;
 pub mod generation;
 pub mod grpc;
+pub mod observe;
 pub mod openai;
 pub mod router;
 pub mod server;

@@ -3,10 +3,13 @@
 //! (listeners with `TCP_NODELAY`, health) and graceful shutdown.
 
 pub mod error;
+pub mod logging;
+pub mod metrics;
 pub mod registry;
 pub mod serve;
 pub mod shutdown;
 pub mod testkit;
+pub mod trace;
 pub mod wire;
 
 pub use error::ServiceError;

@@ -4,10 +4,12 @@
 use expertmesh_model::engine::{ExpertBackend, LogitRows, Model, Step};
 use expertmesh_model::{ExpertError, ModelError};
 use expertmesh_runtime::ServiceError;
+use expertmesh_runtime::metrics::{self, EngineMetrics, FinishedReason, RequestRole, RoleRequestMetrics};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
+use std::time::Instant;
 
 use super::sequence::{Sequence, Submission};
 use super::{EngineEvent, EngineOptions, EngineStats, FinishReason, Msg};
@@ -20,6 +22,8 @@ pub struct EngineLoop {
     waiting: VecDeque<Submission>,
     running: Vec<Sequence>,
     kv_used: u64,
+    requests: RoleRequestMetrics,
+    engine: &'static EngineMetrics,
 }
 
 /// The one mapping from the model's errors to the services' error.
@@ -43,7 +47,17 @@ impl EngineLoop {
         opts: EngineOptions,
         stats: Arc<EngineStats>,
     ) -> Self {
-        EngineLoop { model, experts, opts, stats, waiting: VecDeque::new(), running: Vec::new(), kv_used: 0 }
+        EngineLoop {
+            model,
+            experts,
+            opts,
+            stats,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            kv_used: 0,
+            requests: metrics::requests().role(RequestRole::Attention),
+            engine: metrics::engine(),
+        }
     }
 
     pub fn run(mut self, rx: mpsc::Receiver<Msg>) {
@@ -79,6 +93,7 @@ impl EngineLoop {
                 let _ = found.send(queued.is_some() || running.is_some());
                 if let Some(i) = queued {
                     let sub = self.waiting.remove(i).unwrap();
+                    self.requests.finished(FinishedReason::Abort);
                     let _ = sub.events.send(EngineEvent::Finished {
                         reason: FinishReason::Cancelled,
                         prompt_tokens: sub.params.prompt.len(),
@@ -87,7 +102,7 @@ impl EngineLoop {
                 }
                 if let Some(i) = running {
                     let seq = self.running.swap_remove(i);
-                    seq.finish(FinishReason::Cancelled);
+                    seq.finish(FinishReason::Cancelled, &self.requests);
                     self.kv_used -= seq.sub.state_bytes;
                 }
             }
@@ -100,9 +115,10 @@ impl EngineLoop {
         let gone = ServiceError::Unavailable("engine shutting down".into());
         for s in self.waiting.drain(..) {
             let _ = s.events.send(EngineEvent::Failed(gone.clone()));
+            self.requests.failed(metrics::ErrorKind::Unavailable);
         }
         for s in self.running.drain(..) {
-            s.send(EngineEvent::Failed(gone.clone()));
+            s.fail(&gone, &self.requests);
         }
         self.kv_used = 0;
         self.publish();
@@ -110,9 +126,14 @@ impl EngineLoop {
 
     /// Callers that went away cancel their work.
     fn drop_departed(&mut self) {
+        let before = self.waiting.len();
         self.waiting.retain(|s| !s.events.is_closed());
+        for _ in self.waiting.len()..before {
+            self.requests.finished(FinishedReason::Abort);
+        }
         let gone: Vec<bool> = self.running.iter().map(|s| s.sub.events.is_closed()).collect();
-        self.retire(&gone, |_| {});
+        let requests = self.requests.clone();
+        self.retire(&gone, |s| s.finish(FinishReason::Cancelled, &requests));
     }
 
     /// Removes the running sequences marked in `mask` (indexed like `running`), releasing their
@@ -141,6 +162,15 @@ impl EngineLoop {
             }
             let sub = self.waiting.pop_front().unwrap();
             let queued = sub.submitted.elapsed().as_secs_f64();
+            self.requests.queue.observe(queued);
+            tracing::info!(
+                request_id = %sub.params.id,
+                trace_id = %sub.trace_id(),
+                prompt_tokens = sub.params.prompt.len(),
+                max_tokens = sub.params.max_tokens,
+                queue_seconds = queued,
+                "request admitted"
+            );
             let seq = Sequence::new(sub, self.model.new_sequence());
             if seq.send(EngineEvent::Admitted { queue_seconds: queued }) {
                 self.kv_used += seq.sub.state_bytes;
@@ -169,6 +199,14 @@ impl EngineLoop {
         }
         let mut in_step = vec![false; self.running.len()];
         plan.iter().for_each(|(i, _, _)| in_step[*i] = true);
+        let traces: Vec<[u8; 16]> = plan
+            .iter()
+            .filter_map(|(i, _, _)| self.running[*i].sub.params.trace.filter(|t| t.sampled).map(|t| t.trace_id))
+            .collect();
+        self.experts.begin_step(&traces);
+        self.engine.step_batch_size.observe(plan.len() as f64);
+        self.engine.step_tokens.observe(plan.iter().map(|(_, t, _)| t.len()).sum::<usize>() as f64);
+        let step_start = Instant::now();
         let result = {
             let mut steps: Vec<Step<'_>> = Vec::with_capacity(plan.len());
             let mut plan_iter = plan.iter().peekable();
@@ -188,14 +226,14 @@ impl EngineLoop {
             }
         };
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        self.engine.step_seconds.observe(step_start.elapsed().as_secs_f64());
         let outputs = match result {
             Ok(o) => o,
             Err(err) => {
                 // Every sequence in the step has an inconsistent state now: fail them all.
                 tracing::warn!(error = %err, sequences = plan.len(), "engine step failed");
-                self.retire(&in_step, |s| {
-                    s.send(EngineEvent::Failed(err.clone()));
-                });
+                let requests = self.requests.clone();
+                self.retire(&in_step, |s| s.fail(&err, &requests));
                 return;
             }
         };
@@ -206,12 +244,14 @@ impl EngineLoop {
             if s.prefilling() {
                 s.prefilled += tokens.len();
                 self.stats.prompt_tokens.fetch_add(tokens.len() as u64, Ordering::Relaxed);
+                self.requests.prompt_tokens.inc_by(tokens.len() as u64);
             }
             if out.rows == 0 {
                 continue;
             }
             let sampled = s.sampler.sample(&out.logits);
             s.generated.push(sampled.token);
+            s.observe_token(&self.requests);
             self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
             let event = EngineEvent::Token {
                 token: sampled.token,
@@ -219,6 +259,7 @@ impl EngineLoop {
                 logprob: s.sub.params.logprobs.then_some(sampled.logprob),
             };
             if !s.send(event) {
+                s.finish(FinishReason::Cancelled, &self.requests);
                 done[*i] = true;
                 continue;
             }
@@ -230,7 +271,7 @@ impl EngineLoop {
                 None
             };
             if let Some(r) = reason {
-                s.finish(r);
+                s.finish(r, &self.requests);
                 done[*i] = true;
             }
         }
@@ -243,5 +284,8 @@ impl EngineLoop {
         self.stats.running.store(self.running.len() as u64, Ordering::Relaxed);
         self.stats.waiting.store(self.waiting.len() as u64, Ordering::Relaxed);
         self.stats.kv_bytes_used.store(self.kv_used, Ordering::Relaxed);
+        self.requests.running.set(self.running.len() as i64);
+        self.requests.waiting.set(self.waiting.len() as i64);
+        self.engine.kv_cache_usage_perc.set(self.kv_used as f64 / self.opts.kv_budget_bytes.max(1) as f64);
     }
 }

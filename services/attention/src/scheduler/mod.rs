@@ -9,6 +9,7 @@ mod sequence;
 
 use expertmesh_model::engine::{ExpertBackend, Model, SamplingParams, state_bytes};
 use expertmesh_runtime::ServiceError;
+use expertmesh_runtime::trace::TraceContext;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -45,6 +46,8 @@ pub struct GenerateParams {
     pub max_tokens: usize,
     pub stop_tokens: Vec<u32>,
     pub logprobs: bool,
+    /// The caller's trace (logs; sampled traces also reach the expert workers).
+    pub trace: Option<TraceContext>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

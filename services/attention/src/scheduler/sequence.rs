@@ -2,6 +2,8 @@
 //! model state, sampler and progress.
 
 use expertmesh_model::engine::{Sampler, SequenceState};
+use expertmesh_runtime::ServiceError;
+use expertmesh_runtime::metrics::{ErrorKind, FinishedReason, RoleRequestMetrics};
 use std::time::Instant;
 
 use super::{EngineEvent, EventSender, FinishReason, GenerateParams};
@@ -21,12 +23,48 @@ pub struct Sequence {
     /// Prompt tokens already prefilled.
     pub prefilled: usize,
     pub generated: Vec<u32>,
+    pub admitted: Instant,
+    first_token: Option<Instant>,
+    last_token: Option<Instant>,
+}
+
+impl Submission {
+    /// The request's trace id for logs ("-" when it came without one).
+    pub fn trace_id(&self) -> String {
+        self.params.trace.map_or_else(|| "-".into(), |t| t.trace_id_hex())
+    }
 }
 
 impl Sequence {
     pub fn new(sub: Submission, state: SequenceState) -> Self {
         let sampler = Sampler::new(sub.params.sampling, sub.params.seed);
-        Sequence { sub, state, sampler, prefilled: 0, generated: Vec::new() }
+        let admitted = Instant::now();
+        Sequence {
+            sub,
+            state,
+            sampler,
+            prefilled: 0,
+            generated: Vec::new(),
+            admitted,
+            first_token: None,
+            last_token: None,
+        }
+    }
+
+    /// Records a sampled token's timing: time to first token and prefill time for the first,
+    /// inter-token latency after.
+    pub fn observe_token(&mut self, m: &RoleRequestMetrics) {
+        let now = Instant::now();
+        match self.last_token {
+            None => {
+                m.first_token.observe((now - self.sub.submitted).as_secs_f64());
+                m.prefill.observe((now - self.admitted).as_secs_f64());
+                self.first_token = Some(now);
+            }
+            Some(last) => m.inter_token.observe((now - last).as_secs_f64()),
+        }
+        self.last_token = Some(now);
+        m.generation_tokens.inc();
     }
 
     pub fn id(&self) -> &str {
@@ -42,11 +80,38 @@ impl Sequence {
         self.sub.events.send(e).is_ok()
     }
 
-    pub fn finish(&self, reason: FinishReason) {
+    /// Ends the request: the final event (if the caller is still there), metrics and a log line.
+    pub fn finish(&self, reason: FinishReason, m: &RoleRequestMetrics) {
         self.send(EngineEvent::Finished {
             reason,
             prompt_tokens: self.sub.params.prompt.len(),
             completion_tokens: self.generated.len(),
         });
+        let now = Instant::now();
+        m.e2e.observe((now - self.sub.submitted).as_secs_f64());
+        if let Some(first) = self.first_token {
+            m.decode.observe((now - first).as_secs_f64());
+        }
+        m.finished(match reason {
+            FinishReason::Stop => FinishedReason::Stop,
+            FinishReason::Length => FinishedReason::Length,
+            FinishReason::Cancelled => FinishedReason::Abort,
+        });
+        tracing::info!(
+            request_id = %self.id(),
+            trace_id = %self.sub.trace_id(),
+            ?reason,
+            prompt_tokens = self.sub.params.prompt.len(),
+            completion_tokens = self.generated.len(),
+            seconds = (now - self.sub.submitted).as_secs_f64(),
+            "request finished"
+        );
+    }
+
+    /// Fails the request with `err` (its final event), counted and logged.
+    pub fn fail(&self, err: &ServiceError, m: &RoleRequestMetrics) {
+        self.send(EngineEvent::Failed(err.clone()));
+        m.failed(ErrorKind::of_code(err.code()));
+        tracing::warn!(request_id = %self.id(), trace_id = %self.sub.trace_id(), error = %err, "request failed");
     }
 }

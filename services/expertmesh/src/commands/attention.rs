@@ -6,6 +6,7 @@ use expertmesh_attention::placement::PlacementOverride;
 use expertmesh_attention::worker::AttentionWorkerOptions;
 use expertmesh_attention::{EngineOptions, RemoteExperts, RemoteOptions, Scheduler};
 use expertmesh_model::engine::{LoadOptions, Model};
+use expertmesh_runtime::metrics::{self, ModelDescription};
 use expertmesh_runtime::registry::{Registry, Topology};
 use expertmesh_runtime::shutdown::Shutdown;
 use expertmesh_runtime::wire::WireDType;
@@ -13,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::ModelSource;
-use super::cluster::{RegistryArgs, ServeArgs, init_logging, runtime};
+use super::cluster::{RegistryArgs, ServeArgs, runtime};
 
 #[derive(Args, Clone, Debug)]
 pub struct EngineArgs {
@@ -66,6 +67,7 @@ impl EngineArgs {
         registry: &dyn Registry,
         topology: Topology,
         rt: tokio::runtime::Handle,
+        model_name: &str,
     ) -> Result<(Arc<Scheduler>, Arc<RemoteExperts>)> {
         let overrides = self.overrides()?;
         let cfg = model.config();
@@ -80,8 +82,23 @@ impl EngineArgs {
             n_experts: cfg.n_routed_experts,
             dim: cfg.dim,
         };
+        let engine = self.engine_options();
+        metrics::engine().describe(
+            &ModelDescription {
+                model: model_name,
+                layers: cfg.n_layers,
+                dim: cfg.dim,
+                vocab_size: cfg.vocab_size,
+                routed_experts: cfg.n_routed_experts,
+                experts_per_token: cfg.n_activated_experts,
+            },
+            engine.kv_budget_bytes,
+            engine.max_running,
+            engine.max_waiting,
+            engine.prefill_chunk,
+        );
         let remote = Arc::new(RemoteExperts::new(rt, registry.subscribe(), opts));
-        let scheduler = Arc::new(Scheduler::start(Arc::new(model), remote.clone(), self.engine_options()));
+        let scheduler = Arc::new(Scheduler::start(Arc::new(model), remote.clone(), engine));
         Ok((scheduler, remote))
     }
 }
@@ -99,7 +116,6 @@ pub struct AttentionArgs {
 }
 
 pub fn run(a: AttentionArgs) -> Result<()> {
-    init_logging();
     let ckpt = a.source.open()?;
     let model = Model::load(&ckpt, LoadOptions { mtp: false, ..LoadOptions::default() })?;
     drop(ckpt);
@@ -109,8 +125,19 @@ pub fn run(a: AttentionArgs) -> Result<()> {
         let registry = a.registry.build()?;
         let shutdown = Shutdown::new();
         tokio::spawn(shutdown.clone().on_signals());
-        let (scheduler, remote) =
-            a.engine.scheduler(model, registry.as_ref(), a.serve.topology(), tokio::runtime::Handle::current())?;
+        let model_name = a.source.name();
+        let (scheduler, remote) = a.engine.scheduler(
+            model,
+            registry.as_ref(),
+            a.serve.topology(),
+            tokio::runtime::Handle::current(),
+            &model_name,
+        )?;
+        let (engine, placement) = (scheduler.clone(), remote.clone());
+        let metrics = a
+            .serve
+            .metrics(&registry, &shutdown, move || engine.is_alive() && placement.placement().covers_all())
+            .await?;
         let opts = AttentionWorkerOptions {
             listen: a.serve.listen.clone(),
             advertise: a.serve.advertise.clone(),
@@ -121,7 +148,7 @@ pub fn run(a: AttentionArgs) -> Result<()> {
             ready: Some(Arc::new(move || remote.placement().covers_all())),
         };
         let worker = expertmesh_attention::worker::start(scheduler, opts, registry.clone(), shutdown).await?;
-        println!("attention worker {} listening on {}", worker.id, worker.endpoint);
+        println!("attention worker {} listening on {} (metrics {})", worker.id, worker.endpoint, metrics.url);
         let result = worker.task.await;
         registry.close().await;
         Ok(result??)

@@ -3,7 +3,9 @@
 
 use anyhow::Result;
 use clap::Args;
+use expertmesh_runtime::metrics::{self, MetricsServer};
 use expertmesh_runtime::registry::{EtcdOptions, EtcdRegistry, MemoryRegistry, Registry, Topology};
+use expertmesh_runtime::shutdown::Shutdown;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,6 +52,10 @@ pub struct ServeArgs {
     /// Registry id (default: role and port).
     #[arg(long, env = "EXPERTMESH_WORKER_ID")]
     pub id: Option<String>,
+    /// HTTP address of `/metrics` (Prometheus), `/health` and `/ready` (port 0 picks a free
+    /// port; the bound address is printed).
+    #[arg(long, env = "EXPERTMESH_METRICS_LISTEN", default_value = "0.0.0.0:0")]
+    pub metrics_listen: String,
     /// Seconds shutdown waits for in-flight work.
     #[arg(long, env = "EXPERTMESH_DRAIN_SECONDS", default_value_t = 30)]
     pub drain_seconds: u64,
@@ -69,15 +75,23 @@ impl ServeArgs {
     pub fn drain(&self) -> Duration {
         Duration::from_secs(self.drain_seconds)
     }
+
+    /// Serves the metrics port (ready while `ready` says so and shutdown has not begun) and
+    /// exports the registry's health. Call within the runtime.
+    pub async fn metrics(
+        &self,
+        registry: &Arc<dyn Registry>,
+        shutdown: &Shutdown,
+        ready: impl Fn() -> bool + Send + Sync + 'static,
+    ) -> Result<MetricsServer> {
+        metrics::watch_registry(registry.clone());
+        let stopping = shutdown.clone();
+        let ready = Arc::new(move || !stopping.is_triggered() && ready());
+        Ok(metrics::serve(&self.metrics_listen, ready, shutdown.clone()).await?)
+    }
 }
 
 /// The async runtime for network work (model math runs on the compute pool, not here).
 pub fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("io").enable_all().build()?)
-}
-
-/// Logs to stderr (`RUST_LOG` filters; default info).
-pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }

@@ -8,7 +8,7 @@ use expertmesh_runtime::shutdown::Shutdown;
 use std::sync::Arc;
 
 use super::ModelSource;
-use super::cluster::{RegistryArgs, ServeArgs, init_logging, runtime};
+use super::cluster::{RegistryArgs, ServeArgs, runtime};
 
 #[derive(Args)]
 pub struct ExpertArgs {
@@ -23,6 +23,9 @@ pub struct ExpertArgs {
     /// Most tokens accepted in one call.
     #[arg(long, env = "EXPERTMESH_MAX_TOKENS_PER_CALL", default_value_t = DEFAULT_MAX_TOKENS)]
     max_tokens_per_call: usize,
+    /// Also count routed tokens per (layer, expert), not only per expert (layers × experts series).
+    #[arg(long, env = "EXPERTMESH_METRICS_PER_LAYER")]
+    metrics_per_layer: bool,
     #[command(flatten)]
     serve: ServeArgs,
     #[command(flatten)]
@@ -39,7 +42,6 @@ pub fn selection(experts: &Option<String>, layers: &Option<String>) -> Result<Ex
 }
 
 pub fn run(a: ExpertArgs) -> Result<()> {
-    init_logging();
     let selection = selection(&a.experts, &a.layers)?;
     let ckpt = a.source.open()?;
     let store = Arc::new(ExpertStore::load(&ckpt, &selection, LoadOptions::default().sim)?);
@@ -58,15 +60,18 @@ pub fn run(a: ExpertArgs) -> Result<()> {
             max_tokens: a.max_tokens_per_call,
             drain: a.serve.drain(),
             pool: None,
+            per_layer_metrics: a.metrics_per_layer,
         };
+        let metrics = a.serve.metrics(&registry, &shutdown, || true).await?;
         let worker = expertmesh_expert::start(store.clone(), opts, registry.clone(), shutdown).await?;
-        // Scripts and tests read this line to learn the port.
+        // Scripts and tests read this line to learn the ports.
         println!(
-            "expert worker {} listening on {} ({} experts, {} weight bytes)",
+            "expert worker {} listening on {} ({} experts, {} weight bytes; metrics {})",
             worker.id,
             worker.endpoint,
             store.held().count(),
-            store.resident_bytes()
+            store.resident_bytes(),
+            metrics.url
         );
         let result = worker.task.await;
         registry.close().await;

@@ -11,7 +11,7 @@ use expertmesh_runtime::shutdown::Shutdown;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::cluster::{RegistryArgs, init_logging, runtime};
+use super::cluster::{RegistryArgs, runtime};
 
 #[derive(Args, Clone, Debug)]
 pub struct GatewayArgs {
@@ -39,6 +39,11 @@ pub struct GatewayArgs {
     /// Largest prompt accepted, tokens.
     #[arg(long, env = "EXPERTMESH_MAX_PROMPT_TOKENS", default_value_t = 65536)]
     pub max_prompt_tokens: usize,
+    /// Share of requests without a `traceparent` whose new trace is sampled (sampled traces
+    /// reach the expert workers' debug logs; every trace id is in the gateway's and the
+    /// attention workers' logs).
+    #[arg(long, env = "EXPERTMESH_TRACE_SAMPLE_RATIO", default_value_t = 1.0)]
+    pub trace_sample_ratio: f64,
     /// End-of-sequence token id (generation stops there).
     #[arg(long, env = "EXPERTMESH_EOS_TOKEN_ID", default_value_t = 1)]
     pub eos_token_id: u32,
@@ -61,6 +66,7 @@ impl GatewayArgs {
             limits,
             api_keys: self.api_keys.clone(),
             stop_ids: vec![self.eos_token_id],
+            trace_sample_ratio: self.trace_sample_ratio.clamp(0.0, 1.0),
         }))
     }
 }
@@ -74,10 +80,10 @@ pub struct GatewayCommand {
 }
 
 pub fn run(a: GatewayCommand) -> Result<()> {
-    init_logging();
     let rt = runtime()?;
     rt.block_on(async {
         let registry = a.registry.build()?;
+        expertmesh_runtime::metrics::watch_registry(registry.clone());
         let state = a.gateway.state(registry.as_ref())?;
         let shutdown = Shutdown::new();
         tokio::spawn(shutdown.clone().on_signals());

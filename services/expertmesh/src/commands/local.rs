@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use super::attention::EngineArgs;
 use super::client::print_events;
-use super::cluster::{init_logging, runtime};
+use super::cluster::runtime;
 use super::gateway::GatewayArgs;
 use super::{ModelSource, parse_tokens};
 use expertmesh_client::{Client, Message, Options};
@@ -79,6 +79,7 @@ async fn through_gateway(
         max_concurrent: 1024,
         max_tokens_limit: 32768,
         max_prompt_tokens: 65536,
+        trace_sample_ratio: 1.0,
         eos_token_id: cfg.eos_token_id,
     };
     let state = args.state(registry)?;
@@ -114,7 +115,6 @@ pub fn even_ranges(n: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
 }
 
 pub fn run(a: LocalArgs) -> Result<()> {
-    init_logging();
     let prompt = parse_tokens(&a.prompt_tokens)?;
     let ckpt = a.source.open()?;
     let cfg = ckpt.config().clone();
@@ -131,6 +131,7 @@ pub fn run(a: LocalArgs) -> Result<()> {
     let rt = runtime()?;
     rt.block_on(async {
         let registry: Arc<dyn Registry> = Arc::new(MemoryRegistry::new());
+        expertmesh_runtime::metrics::watch_registry(registry.clone());
         let shutdown = Shutdown::new();
         let mut experts = Vec::new();
         // The expert workers' math gets its own pool: the engine's compute threads block while
@@ -147,6 +148,7 @@ pub fn run(a: LocalArgs) -> Result<()> {
                 max_tokens: DEFAULT_MAX_TOKENS,
                 drain: Duration::from_secs(5),
                 pool: Some(expert_pool.clone()),
+                per_layer_metrics: false,
             };
             let w = expertmesh_expert::start(store, opts, registry.clone(), shutdown.clone()).await?;
             eprintln!("expert worker {} holds experts {range:?} at {}", w.id, w.endpoint);
@@ -154,7 +156,7 @@ pub fn run(a: LocalArgs) -> Result<()> {
         }
         let resident = model.resident_bytes() as u64;
         let (scheduler, remote) =
-            a.engine.scheduler(model, registry.as_ref(), Topology::default(), tokio::runtime::Handle::current())?;
+            a.engine.scheduler(model, registry.as_ref(), Topology::default(), tokio::runtime::Handle::current(), &a.source.name())?;
         let attention_opts = AttentionWorkerOptions {
             listen: "127.0.0.1:0".into(),
             advertise: None,

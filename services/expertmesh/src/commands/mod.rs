@@ -31,6 +31,16 @@ pub struct ModelSource {
 }
 
 impl ModelSource {
+    /// How the model is named in metrics: the checkpoint folder's name, or the preset's.
+    pub fn name(&self) -> String {
+        match &self.model {
+            Some(dir) => {
+                dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned())
+            }
+            None => self.preset.unwrap_or(Preset::Tiny).to_string(),
+        }
+    }
+
     pub fn open(&self) -> Result<Checkpoint> {
         match (&self.model, self.preset) {
             (Some(dir), _) => Checkpoint::open(dir).with_context(|| format!("opening checkpoint {}", dir.display())),

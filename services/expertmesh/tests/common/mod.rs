@@ -2,6 +2,8 @@
 //! model, and a gRPC client for the engine.
 #![allow(dead_code)]
 
+pub mod http;
+
 use expertmesh_model::ExpertError;
 use expertmesh_model::Preset;
 use expertmesh_model::checkpoint::{Checkpoint, InitDtype, in_memory};
@@ -46,19 +48,37 @@ impl Worker {
     /// Starts `expertmesh <role> --preset tiny --seed 7 --listen 127.0.0.1:0 <args>` and waits for
     /// its "listening on" line.
     pub fn spawn(role: &str, args: &[&str]) -> Worker {
+        Self::start(&mut Self::model_role(role, args), role, None)
+    }
+
+    /// [`Self::spawn`] logging at info (expert calls at debug) into `log` instead of stderr.
+    pub fn spawn_logged(role: &str, args: &[&str], log: &std::path::Path) -> Worker {
+        Self::start(&mut Self::model_role(role, args), role, Some(log))
+    }
+
+    /// [`Self::spawn_plain`] logging like [`Self::spawn_logged`].
+    pub fn spawn_plain_logged(role: &str, args: &[&str], log: &std::path::Path) -> Worker {
+        Self::start(Command::new(env!("CARGO_BIN_EXE_expertmesh")).arg(role).args(args), role, Some(log))
+    }
+
+    fn model_role(role: &str, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_expertmesh"));
         cmd.args([role, "--preset", "tiny", "--seed", SEED, "--listen", "127.0.0.1:0", "--drain-seconds", "2"])
             .args(args);
-        Self::start(&mut cmd, role)
+        cmd
     }
 
-    fn start(cmd: &mut Command, role: &str) -> Worker {
+    fn start(cmd: &mut Command, role: &str, log: Option<&std::path::Path>) -> Worker {
         let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        let (filter, stderr) = match log {
+            Some(path) => ("info,expertmesh_expert=debug", Stdio::from(std::fs::File::create(path).unwrap())),
+            None => ("warn", Stdio::inherit()),
+        };
         let mut child = cmd
             .env("EXPERTMESH_THREADS", "2")
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", filter)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawning expertmesh");
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
@@ -75,7 +95,14 @@ impl Worker {
 
     /// Starts `expertmesh <role> <args>` (no model flags) and waits for its "listening on" line.
     pub fn spawn_plain(role: &str, args: &[&str]) -> Worker {
-        Self::start(Command::new(env!("CARGO_BIN_EXE_expertmesh")).arg(role).args(args), role)
+        Self::start(Command::new(env!("CARGO_BIN_EXE_expertmesh")).arg(role).args(args), role, None)
+    }
+
+    /// The `metrics http://…` address of the start line (expert and attention workers).
+    pub fn metrics_url(&self) -> String {
+        let rest =
+            self.line.split("metrics ").nth(1).unwrap_or_else(|| panic!("no metrics address in {:?}", self.line));
+        rest.trim_end_matches(')').split_whitespace().next().unwrap().trim_end_matches(')').to_string()
     }
 
     pub fn expert(experts: &str, args: &[&str]) -> Worker {

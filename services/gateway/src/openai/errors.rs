@@ -4,6 +4,7 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use expertmesh_runtime::ServiceError;
+use expertmesh_runtime::metrics::ErrorKind;
 use serde_json::json;
 
 #[derive(Debug, Clone)]
@@ -27,6 +28,18 @@ impl ApiError {
 
     pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
         ApiError { status, kind, message: message.into(), param: None }
+    }
+
+    /// The metric label of this error (`request_errors_total{kind}`).
+    pub fn error_kind(&self) -> ErrorKind {
+        match self.status {
+            StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE => ErrorKind::InvalidArgument,
+            StatusCode::UNAUTHORIZED => ErrorKind::Unauthenticated,
+            StatusCode::NOT_FOUND => ErrorKind::NotFound,
+            StatusCode::TOO_MANY_REQUESTS => ErrorKind::ResourceExhausted,
+            StatusCode::SERVICE_UNAVAILABLE => ErrorKind::Unavailable,
+            _ => ErrorKind::Internal,
+        }
     }
 
     pub fn body(&self) -> serde_json::Value {

@@ -8,18 +8,21 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use expertmesh_proto::v1::{FinishReason, SamplingParams};
+use expertmesh_runtime::trace::{TRACEPARENT, TraceContext, to_hex};
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
+use tracing::Instrument;
 
 use super::errors::ApiError;
 use super::requests::{ChatRequest, CompletionRequest, Prompt, Sampling, Thinking, parse};
 use super::text::{Delta, TextAssembler};
 use crate::chat::{ChatOptions, ReasoningEffort, ThinkingMode, encode_chat};
-use crate::generation::{self, GenEvent, GenRequest};
+use crate::generation::{self, GenEvent, GenRequest, Generation};
+use crate::observe::gateway_metrics;
 use crate::router::EngineRouter;
 use crate::tokenizer::Tokenizer;
 
@@ -57,6 +60,47 @@ pub struct AppState {
     /// Token ids that end generation (EOS).
     pub stop_ids: Vec<u32>,
     pub slots: Arc<Semaphore>,
+    /// Share of requests arriving without a `traceparent` whose new trace is sampled (sampled
+    /// traces are carried to the expert workers).
+    pub trace_sample_ratio: f64,
+}
+
+/// Who a request is, for logs and the engines: its id and its trace (the caller's
+/// `traceparent`, or a new one).
+#[derive(Clone, Debug)]
+pub struct RequestContext {
+    pub id: String,
+    pub trace: TraceContext,
+}
+
+impl RequestContext {
+    pub fn new(prefix: &str, traceparent: Option<&str>, sample_ratio: f64) -> Self {
+        let trace = traceparent.and_then(TraceContext::parse).unwrap_or_else(|| TraceContext::new_root(sample_ratio));
+        // The id is random (a new span id), not derived from the trace: a client may send one
+        // traceparent with many requests.
+        RequestContext { id: format!("{prefix}-{}", to_hex(&trace.child().span_id)), trace }
+    }
+
+    pub fn span(&self) -> tracing::Span {
+        tracing::info_span!("request", request_id = %self.id, trace_id = %self.trace.trace_id_hex())
+    }
+
+    /// The generation of choice `index`.
+    pub fn generation(&self, index: u32, prompt: Vec<u32>, sampling: SamplingParams) -> GenRequest {
+        GenRequest { id: format!("{}-{index}", self.id), prompt, sampling, trace: self.trace }
+    }
+}
+
+fn context(s: &AppState, headers: &HeaderMap, kind: Kind) -> RequestContext {
+    let prefix = if kind == Kind::Chat { "chatcmpl" } else { "cmpl" };
+    RequestContext::new(prefix, headers.get(TRACEPARENT).and_then(|v| v.to_str().ok()), s.trace_sample_ratio)
+}
+
+/// A request refused before any generation started: counted, then answered.
+fn rejected(e: ApiError) -> Response {
+    gateway_metrics().failed(e.error_kind());
+    tracing::info!(status = e.status.as_u16(), message = %e.message, "request refused");
+    e.into_response()
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -67,6 +111,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(models))
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready))
+        .route("/metrics", get(|| async { expertmesh_runtime::metrics::metrics_response() }))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
@@ -195,6 +240,8 @@ pub(crate) fn plan(s: &AppState, p: &Sampling, prompt: Vec<u32>) -> Result<Plan,
 }
 
 async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let ctx = context(&s, &headers, Kind::Completion);
+    let span = ctx.span();
     let result = async {
         authorize(&s, &headers)?;
         let req: CompletionRequest = parse(&body)?;
@@ -208,12 +255,14 @@ async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, body: B
     }
     .await;
     match result {
-        Ok(plan) => run(s, plan, Kind::Completion).await,
-        Err(e) => e.into_response(),
+        Ok(plan) => run(s, plan, Kind::Completion, ctx).instrument(span).await,
+        Err(e) => span.in_scope(|| rejected(e)),
     }
 }
 
 async fn chat_completions(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let ctx = context(&s, &headers, Kind::Chat);
+    let span = ctx.span();
     let result = async {
         authorize(&s, &headers)?;
         let req: ChatRequest = parse(&body)?;
@@ -257,8 +306,8 @@ async fn chat_completions(State(s): State<Arc<AppState>>, headers: HeaderMap, bo
     }
     .await;
     match result {
-        Ok(plan) => run(s, plan, Kind::Chat).await,
-        Err(e) => e.into_response(),
+        Ok(plan) => run(s, plan, Kind::Chat, ctx).instrument(span).await,
+        Err(e) => span.in_scope(|| rejected(e)),
     }
 }
 
@@ -289,32 +338,36 @@ struct Choice<'t> {
     logprobs: Vec<(String, f32)>,
 }
 
-async fn run(s: Arc<AppState>, plan: Plan, kind: Kind) -> Response {
+/// Runs the plan's `n` generations; called within the request's span.
+async fn run(s: Arc<AppState>, plan: Plan, kind: Kind, ctx: RequestContext) -> Response {
     // Held until the response (or its stream) ends.
     let Ok(permit) = s.slots.clone().try_acquire_owned() else {
-        return ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "too many requests in flight")
-            .into_response();
+        return rejected(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            "too many requests in flight",
+        ));
     };
     if s.engines.workers() == 0 {
-        return ApiError::new(
+        return rejected(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "service_unavailable",
             "no attention worker is available",
-        )
-        .into_response();
+        ));
     }
+    tracing::info!(prompt_tokens = plan.prompt.len(), n = plan.n, stream = plan.stream, "request accepted");
     // n independent generations; a fixed seed gives each choice its own stream (seed + index).
     let mut merged = tokio_stream::StreamMap::new();
     for i in 0..plan.n {
         let mut sampling = plan.sampling.clone();
         sampling.seed = plan.sampling.seed.map(|seed| seed.wrapping_add(i as u64));
-        let rx = generation::start(s.engines.clone(), GenRequest { prompt: plan.prompt.clone(), sampling });
-        merged.insert(i as usize, ReceiverStream::new(rx));
+        let generation = generation::start(s.engines.clone(), ctx.generation(i, plan.prompt.clone(), sampling));
+        merged.insert(i as usize, generation);
     }
-    let id = format!("{}-{}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, now());
+    let id = ctx.id;
     if plan.stream {
         let (tx, rx) = mpsc::channel::<Bytes>(64);
-        tokio::spawn(stream_events(s.clone(), plan, kind, id, merged, tx, permit));
+        tokio::spawn(stream_events(s.clone(), plan, kind, id, merged, tx, permit).in_current_span());
         let body = Body::from_stream(ReceiverStream::new(rx).map(Ok::<_, std::convert::Infallible>));
         return Response::builder()
             .header(header::CONTENT_TYPE, "text/event-stream")
@@ -354,7 +407,10 @@ async fn run(s: Arc<AppState>, plan: Plan, kind: Kind) -> Response {
                 }
                 if c.text.stopped {
                     c.finish = Some("stop");
-                    merged.remove(&i); // stop generating this choice
+                    // Stop generating this choice.
+                    if let Some(g) = merged.remove(&i) {
+                        g.stopped_by_text();
+                    }
                 }
             }
             Ok(GenEvent::Finished { reason, .. }) => {
@@ -410,7 +466,7 @@ async fn stream_events(
     plan: Plan,
     kind: Kind,
     id: String,
-    mut merged: tokio_stream::StreamMap<usize, ReceiverStream<Result<GenEvent, expertmesh_runtime::ServiceError>>>,
+    mut merged: tokio_stream::StreamMap<usize, Generation>,
     tx: mpsc::Sender<Bytes>,
     _slot: tokio::sync::OwnedSemaphorePermit,
 ) {
@@ -480,7 +536,9 @@ async fn stream_events(
                 // With logprobs every token gets its chunk (possibly without text yet).
                 let lp = logprob.filter(|_| plan.logprobs).map(|l| (tok.decode(&[token]).unwrap_or_default(), l));
                 if texts[i].stopped {
-                    merged.remove(&i);
+                    if let Some(g) = merged.remove(&i) {
+                        g.stopped_by_text();
+                    }
                     Some(chunk(i, &d, Some("stop"), None, lp))
                 } else if d.is_empty() && lp.is_none() {
                     None

@@ -1,0 +1,103 @@
+//! What the gateway measures about each generation, as its caller receives it (so latencies are
+//! what clients see, network and worker failover included): time to first token, inter-token
+//! latency, end-to-end time, tokens, and how it ended. One log line per generation's end.
+
+use expertmesh_proto::v1::FinishReason;
+use expertmesh_runtime::metrics::{ErrorKind, FinishedReason, RequestRole, RoleRequestMetrics, requests};
+use expertmesh_runtime::trace::TraceContext;
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use crate::generation::{GenEvent, GenItem};
+
+/// The gateway's request families (created once).
+pub fn gateway_metrics() -> &'static RoleRequestMetrics {
+    static M: OnceLock<RoleRequestMetrics> = OnceLock::new();
+    M.get_or_init(|| requests().role(RequestRole::Gateway))
+}
+
+pub struct Observer {
+    id: String,
+    trace_id: String,
+    arrived: Instant,
+    first: Option<Instant>,
+    last: Option<Instant>,
+    tokens: usize,
+    ended: bool,
+}
+
+impl Observer {
+    pub fn start(id: &str, trace: &TraceContext, prompt_tokens: usize) -> Self {
+        let m = gateway_metrics();
+        m.running.inc();
+        m.prompt_tokens.inc_by(prompt_tokens as u64);
+        Observer {
+            id: id.to_string(),
+            trace_id: trace.trace_id_hex(),
+            arrived: Instant::now(),
+            first: None,
+            last: None,
+            tokens: 0,
+            ended: false,
+        }
+    }
+
+    pub fn see(&mut self, item: &GenItem) {
+        let m = gateway_metrics();
+        match item {
+            Ok(GenEvent::Token { .. }) => {
+                let now = Instant::now();
+                match self.last {
+                    None => {
+                        m.first_token.observe((now - self.arrived).as_secs_f64());
+                        self.first = Some(now);
+                    }
+                    Some(last) => m.inter_token.observe((now - last).as_secs_f64()),
+                }
+                self.last = Some(now);
+                self.tokens += 1;
+                m.generation_tokens.inc();
+            }
+            Ok(GenEvent::Finished { reason, .. }) => {
+                let reason = if *reason == FinishReason::Stop { FinishedReason::Stop } else { FinishedReason::Length };
+                self.end(Ok(reason));
+            }
+            Err(e) => self.end(Err(ErrorKind::of_code(e.code()))),
+        }
+    }
+
+    pub fn stopped(&mut self) {
+        self.end(Ok(FinishedReason::Stop));
+    }
+
+    fn end(&mut self, how: Result<FinishedReason, ErrorKind>) {
+        if std::mem::replace(&mut self.ended, true) {
+            return;
+        }
+        let m = gateway_metrics();
+        let now = Instant::now();
+        m.running.dec();
+        m.e2e.observe((now - self.arrived).as_secs_f64());
+        if let Some(first) = self.first {
+            m.decode.observe((now - first).as_secs_f64());
+        }
+        let seconds = (now - self.arrived).as_secs_f64();
+        match how {
+            Ok(reason) => {
+                m.finished(reason);
+                tracing::info!(request_id = %self.id, trace_id = %self.trace_id, reason = reason.label(), completion_tokens = self.tokens, seconds, "generation finished");
+            }
+            Err(kind) => {
+                m.failed(kind);
+                tracing::warn!(request_id = %self.id, trace_id = %self.trace_id, kind = kind.label(), completion_tokens = self.tokens, seconds, "generation failed");
+            }
+        }
+    }
+}
+
+impl Drop for Observer {
+    /// Dropped before its end: the client went away (or stopped reading).
+    fn drop(&mut self) {
+        self.end(Ok(FinishedReason::Abort));
+    }
+}
