@@ -1,4 +1,5 @@
-//! Compiles `expertmesh/v1/*.proto` with protox (pure Rust), so building needs no system protoc.
+//! Compiles `expertmesh/v1/*.proto` (and the OTLP trace-export subset in `otlp/`) with protox
+//! (pure Rust), so building needs no system protoc.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
@@ -6,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "expertmesh/v1/expert.proto",
         "expertmesh/v1/engine.proto",
         "expertmesh/v1/inference.proto",
+        "otlp/trace_export.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

@@ -5,3 +5,9 @@
 pub mod v1 {
     tonic::include_proto!("expertmesh.v1");
 }
+
+/// OTLP/gRPC trace export (`opentelemetry.proto.collector.trace.v1`), the subset expertmesh sends
+/// to an OpenTelemetry collector.
+pub mod otlp {
+    tonic::include_proto!("opentelemetry.proto.collector.trace.v1");
+}

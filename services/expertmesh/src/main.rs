@@ -18,6 +18,9 @@ struct Cli {
     /// Log lines as text or as JSON objects (one per line); `RUST_LOG` filters.
     #[arg(long, global = true, env = "EXPERTMESH_LOG_FORMAT", default_value = "text")]
     log_format: expertmesh_runtime::logging::LogFormat,
+    /// Export spans of sampled traces to this OTLP/gRPC collector (e.g. http://otel-collector:4317).
+    #[arg(long, global = true, env = "EXPERTMESH_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -49,6 +52,13 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     expertmesh_runtime::logging::init(cli.log_format);
+    if let Some(endpoint) = &cli.otlp_endpoint {
+        let service = format!("expertmesh-{}", cli.command.role());
+        if let Err(e) = expertmesh_runtime::trace::export::start(endpoint, &service) {
+            eprintln!("error: --otlp-endpoint: {e}");
+            std::process::exit(2);
+        }
+    }
     let threads = cli.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     if let Err(e) =
         rayon::ThreadPoolBuilder::new().num_threads(threads).thread_name(|i| format!("compute-{i}")).build_global()
@@ -67,9 +77,24 @@ fn main() {
         Command::Chat(args) => commands::client::chat(args),
         Command::Attention(args) => commands::attention::run(args),
     };
+    // Spans still queued go out before the process ends.
+    expertmesh_runtime::trace::export::flush(std::time::Duration::from_secs(2));
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
+    }
+}
+
+impl Command {
+    /// The service name of this process in traces.
+    fn role(&self) -> &'static str {
+        match self {
+            Command::Gateway(_) => "gateway",
+            Command::Attention(_) => "attention",
+            Command::Expert(_) => "expert",
+            Command::Local(_) => "local",
+            _ => "tool",
+        }
     }
 }
 

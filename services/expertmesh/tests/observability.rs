@@ -8,12 +8,15 @@ mod common;
 
 use common::Worker;
 use common::http::{Http, VOCAB, events, gateway_flags, get, post, tokenizer_path};
+use expertmesh_proto::otlp::trace_service_server::{TraceService, TraceServiceServer};
+use expertmesh_proto::otlp::{ExportTraceServiceRequest, ExportTraceServiceResponse, Span, any_value};
 use expertmesh_runtime::testkit::EtcdServer;
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The tiny preset: 8 MoE layers, 4 routed experts per token.
@@ -31,7 +34,8 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn start() -> Cluster {
+    /// `extra`: flags for the attention worker and the gateway.
+    fn start(extra: &[&str]) -> Cluster {
         let etcd = EtcdServer::start();
         let e = etcd.endpoint();
         let logs = tempfile::tempdir().unwrap();
@@ -42,9 +46,12 @@ impl Cluster {
             Worker::spawn_logged("expert", &args, &logs.path().join(format!("expert-{i}.log")))
         };
         let experts = vec![expert("0-7", 0), expert("8-15", 1)];
-        let attention = Worker::spawn_logged("attention", &base, &logs.path().join("attention.log"));
+        let mut attention_args = base.to_vec();
+        attention_args.extend_from_slice(extra);
+        let attention = Worker::spawn_logged("attention", &attention_args, &logs.path().join("attention.log"));
         let mut gw = gateway_flags(&tokenizer_path(), &e, "/expertmesh");
         gw.extend(["--log-format", "json"].map(String::from));
+        gw.extend(extra.iter().map(|a| a.to_string()));
         let gw: Vec<&str> = gw.iter().map(String::as_str).collect();
         let gateway = Worker::spawn_plain_logged("gateway", &gw, &logs.path().join("gateway.log"));
         // Ready without warm-up traffic (the counters must start at zero): the engine sees every
@@ -144,7 +151,7 @@ fn total(scrapes: &[(String, Vec<Sample>)], name: &str, with: &[(&str, &str)]) -
 
 #[test]
 fn counters_move_by_what_the_requests_imply_and_traces_reach_every_process() {
-    let c = Cluster::start();
+    let c = Cluster::start(&[]);
     let url = &c.gateway.endpoint;
     let traceparent = format!("00-{TRACE_ID}-00f067aa0ba902b7-01");
     let prompt_a: Vec<u32> = (0..12).map(|i| 100 + 37 * i).collect();
@@ -304,9 +311,109 @@ fn the_dashboard_and_the_rules_use_only_exported_metrics() {
     assert!(!from_rules.is_empty(), "{}", rules_path.display());
     used.extend(from_rules);
 
-    let c = Cluster::start();
+    let c = Cluster::start(&[]);
     completion(&c.gateway.endpoint, json!({"prompt": [5, 6, 7], "max_tokens": 3}), &[]);
     let exported: BTreeSet<String> = c.scrape().into_iter().flat_map(|(_, s)| s.into_iter().map(|x| x.name)).collect();
     let missing: Vec<&String> = used.difference(&exported).collect();
     assert!(missing.is_empty(), "used by the dashboard or the rules but not exported: {missing:?}");
+}
+
+/// An OTLP trace collector: keeps every exported span with its `service.name`.
+#[derive(Clone, Default)]
+struct Collector {
+    spans: Arc<Mutex<Vec<(String, Span)>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        for rs in request.into_inner().resource_spans {
+            let service = rs
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|a| a.key == "service.name")
+                .and_then(|a| match a.value.as_ref()?.value.as_ref()? {
+                    any_value::Value::StringValue(s) => Some(s.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            for ss in rs.scope_spans {
+                self.spans.lock().unwrap().extend(ss.spans.into_iter().map(|s| (service.clone(), s)));
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+fn attribute(span: &Span, key: &str) -> Option<String> {
+    span.attributes.iter().find(|a| a.key == key).and_then(|a| match a.value.as_ref()?.value.as_ref()? {
+        any_value::Value::StringValue(s) => Some(s.clone()),
+        any_value::Value::IntValue(i) => Some(i.to_string()),
+        _ => None,
+    })
+}
+
+fn hex_bytes(hex: &str) -> Vec<u8> {
+    (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect()
+}
+
+#[test]
+fn sampled_traces_are_exported_as_linked_spans_over_otlp() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let collector = Collector::default();
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    rt.spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(collector.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let c = Cluster::start(&["--otlp-endpoint", &endpoint]);
+    let url = &c.gateway.endpoint;
+    let unsampled = "0af7651916cd43dd8448eb211c80319c";
+    completion(
+        url,
+        json!({"prompt": [5, 6, 7], "max_tokens": 2}),
+        &[("traceparent", &format!("00-{unsampled}-b7ad6b7169203331-00"))],
+    );
+    let client_span = "00f067aa0ba902b7";
+    let traced = completion(
+        url,
+        json!({"prompt": [8, 9, 10, 11], "max_tokens": 3}),
+        &[("traceparent", &format!("00-{TRACE_ID}-{client_span}-01"))],
+    );
+    let spans_of = |trace: &str| -> Vec<(String, Span)> {
+        let id = hex_bytes(trace);
+        collector.spans.lock().unwrap().iter().filter(|(_, s)| s.trace_id == id).cloned().collect()
+    };
+    // Exported in batches at least once a second.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while spans_of(TRACE_ID).len() < 2 {
+        assert!(Instant::now() < deadline, "spans received: {:?}", collector.spans.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let spans = spans_of(TRACE_ID);
+    assert_eq!(spans.len(), 2, "{spans:?}");
+    let (gw_service, gateway) = spans.iter().find(|(_, s)| s.name == "gateway.generate").unwrap();
+    let (engine_service, engine) = spans.iter().find(|(_, s)| s.name == "engine.generate").unwrap();
+    assert_eq!(gw_service, "expertmesh-gateway");
+    assert_eq!(engine_service, "expertmesh-attention");
+    // client → gateway → engine
+    assert_eq!(gateway.parent_span_id, hex_bytes(client_span));
+    assert_eq!(engine.parent_span_id, gateway.span_id);
+    assert_ne!(engine.span_id, gateway.span_id);
+    let request_id = format!("{}-0", traced["id"].as_str().unwrap());
+    assert_eq!(attribute(gateway, "expertmesh.request_id").as_deref(), Some(request_id.as_str()));
+    assert_eq!(attribute(engine, "expertmesh.request_id").as_deref(), Some(request_id.as_str()));
+    let completion_tokens = traced["usage"]["completion_tokens"].as_i64().unwrap().to_string();
+    assert_eq!(attribute(engine, "expertmesh.completion_tokens"), Some(completion_tokens));
+    assert_eq!(attribute(engine, "expertmesh.prompt_tokens").as_deref(), Some("4"));
+    // The engine's work lies within the gateway's span.
+    assert!(gateway.start_time_unix_nano <= engine.start_time_unix_nano);
+    assert!(engine.end_time_unix_nano <= gateway.end_time_unix_nano);
+    assert!(spans_of(unsampled).is_empty(), "a trace the client did not sample is not exported");
 }

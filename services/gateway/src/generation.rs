@@ -32,7 +32,10 @@ pub struct GenRequest {
     pub id: String,
     pub prompt: Vec<u32>,
     pub sampling: SamplingParams,
+    /// This generation's span (sent to the engine as its `traceparent`).
     pub trace: TraceContext,
+    /// The client's span, if it sent one.
+    pub parent: Option<[u8; 8]>,
 }
 
 pub type GenItem = Result<GenEvent, ServiceError>;
@@ -76,7 +79,7 @@ impl tokio_stream::Stream for Generation {
 /// Starts the generation (within the caller's tracing span).
 pub fn start(router: Arc<EngineRouter>, req: GenRequest) -> Generation {
     let (tx, rx) = mpsc::channel(64);
-    let observer = Observer::start(&req.id, &req.trace, req.prompt.len());
+    let observer = Observer::start(&req);
     tokio::spawn(
         async move {
             let result = drive(&router, req, &tx).await;
@@ -127,7 +130,7 @@ async fn drive(
             prompt_tokens: prompt,
             sampling: Some(sampling),
         });
-        req.trace.child().inject(request.metadata_mut());
+        req.trace.inject(request.metadata_mut());
         let mut stream = match lease.client.generate(request).await {
             Ok(s) => s.into_inner(),
             Err(status) if worker_failure(&status) => {

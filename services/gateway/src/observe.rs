@@ -1,14 +1,16 @@
 //! What the gateway measures about each generation, as its caller receives it (so latencies are
 //! what clients see, network and worker failover included): time to first token, inter-token
-//! latency, end-to-end time, tokens, and how it ended. One log line per generation's end.
+//! latency, end-to-end time, tokens, and how it ended. One log line and (with an OTLP exporter,
+//! for sampled traces) one span per generation.
 
 use expertmesh_proto::v1::FinishReason;
 use expertmesh_runtime::metrics::{ErrorKind, FinishedReason, RequestRole, RoleRequestMetrics, requests};
 use expertmesh_runtime::trace::TraceContext;
+use expertmesh_runtime::trace::export::{self, SpanRecord, Value};
 use std::sync::OnceLock;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
-use crate::generation::{GenEvent, GenItem};
+use crate::generation::{GenEvent, GenItem, GenRequest};
 
 /// The gateway's request families (created once).
 pub fn gateway_metrics() -> &'static RoleRequestMetrics {
@@ -19,6 +21,10 @@ pub fn gateway_metrics() -> &'static RoleRequestMetrics {
 pub struct Observer {
     id: String,
     trace_id: String,
+    span: TraceContext,
+    parent: Option<[u8; 8]>,
+    prompt_tokens: usize,
+    started: SystemTime,
     arrived: Instant,
     first: Option<Instant>,
     last: Option<Instant>,
@@ -27,13 +33,17 @@ pub struct Observer {
 }
 
 impl Observer {
-    pub fn start(id: &str, trace: &TraceContext, prompt_tokens: usize) -> Self {
+    pub fn start(req: &GenRequest) -> Self {
         let m = gateway_metrics();
         m.running.inc();
-        m.prompt_tokens.inc_by(prompt_tokens as u64);
+        m.prompt_tokens.inc_by(req.prompt.len() as u64);
         Observer {
-            id: id.to_string(),
-            trace_id: trace.trace_id_hex(),
+            id: req.id.clone(),
+            trace_id: req.trace.trace_id_hex(),
+            span: req.trace,
+            parent: req.parent,
+            prompt_tokens: req.prompt.len(),
+            started: SystemTime::now(),
             arrived: Instant::now(),
             first: None,
             last: None,
@@ -82,6 +92,24 @@ impl Observer {
             m.decode.observe((now - first).as_secs_f64());
         }
         let seconds = (now - self.arrived).as_secs_f64();
+        let outcome = match how {
+            Ok(reason) => reason.label(),
+            Err(kind) => kind.label(),
+        };
+        export::record(SpanRecord {
+            context: self.span,
+            parent: self.parent,
+            name: "gateway.generate",
+            start: self.started,
+            end: SystemTime::now(),
+            attributes: vec![
+                ("expertmesh.request_id", Value::Str(self.id.clone())),
+                ("expertmesh.prompt_tokens", Value::Int(self.prompt_tokens as i64)),
+                ("expertmesh.completion_tokens", Value::Int(self.tokens as i64)),
+                ("expertmesh.outcome", Value::Str(outcome.into())),
+            ],
+            error: how.is_err().then(|| outcome.to_string()),
+        });
         match how {
             Ok(reason) => {
                 m.finished(reason);

@@ -4,7 +4,8 @@
 use expertmesh_model::engine::{Sampler, SequenceState};
 use expertmesh_runtime::ServiceError;
 use expertmesh_runtime::metrics::{ErrorKind, FinishedReason, RoleRequestMetrics};
-use std::time::Instant;
+use expertmesh_runtime::trace::export::{self, SpanRecord, Value};
+use std::time::{Instant, SystemTime};
 
 use super::{EngineEvent, EventSender, FinishReason, GenerateParams};
 
@@ -82,6 +83,8 @@ impl Sequence {
 
     /// Ends the request: the final event (if the caller is still there), metrics and a log line.
     pub fn finish(&self, reason: FinishReason, m: &RoleRequestMetrics) {
+        // Taken before the caller hears of the end: the engine's span ends inside the caller's.
+        let end = SystemTime::now();
         self.send(EngineEvent::Finished {
             reason,
             prompt_tokens: self.sub.params.prompt.len(),
@@ -92,11 +95,13 @@ impl Sequence {
         if let Some(first) = self.first_token {
             m.decode.observe((now - first).as_secs_f64());
         }
-        m.finished(match reason {
+        let finished = match reason {
             FinishReason::Stop => FinishedReason::Stop,
             FinishReason::Length => FinishedReason::Length,
             FinishReason::Cancelled => FinishedReason::Abort,
-        });
+        };
+        m.finished(finished);
+        self.span(finished.label(), None, end);
         tracing::info!(
             request_id = %self.id(),
             trace_id = %self.sub.trace_id(),
@@ -108,10 +113,32 @@ impl Sequence {
         );
     }
 
+    /// The engine's span of this request: a child of the caller's (exported if sampled).
+    fn span(&self, outcome: &str, error: Option<String>, end: SystemTime) {
+        let Some(caller) = self.sub.params.trace else { return };
+        export::record(SpanRecord {
+            context: caller.child(),
+            parent: Some(caller.span_id),
+            name: "engine.generate",
+            start: SystemTime::now() - self.sub.submitted.elapsed(),
+            end,
+            attributes: vec![
+                ("expertmesh.request_id", Value::Str(self.id().to_string())),
+                ("expertmesh.prompt_tokens", Value::Int(self.sub.params.prompt.len() as i64)),
+                ("expertmesh.completion_tokens", Value::Int(self.generated.len() as i64)),
+                ("expertmesh.queue_seconds", Value::Float((self.admitted - self.sub.submitted).as_secs_f64())),
+                ("expertmesh.outcome", Value::Str(outcome.to_string())),
+            ],
+            error,
+        });
+    }
+
     /// Fails the request with `err` (its final event), counted and logged.
     pub fn fail(&self, err: &ServiceError, m: &RoleRequestMetrics) {
+        let end = SystemTime::now();
         self.send(EngineEvent::Failed(err.clone()));
         m.failed(ErrorKind::of_code(err.code()));
+        self.span(ErrorKind::of_code(err.code()).label(), Some(err.to_string()), end);
         tracing::warn!(request_id = %self.id(), trace_id = %self.sub.trace_id(), error = %err, "request failed");
     }
 }

@@ -71,23 +71,36 @@ pub struct AppState {
 pub struct RequestContext {
     pub id: String,
     pub trace: TraceContext,
+    /// The client's span (its `traceparent`), parent of this request's spans.
+    pub parent: Option<[u8; 8]>,
 }
 
 impl RequestContext {
     pub fn new(prefix: &str, traceparent: Option<&str>, sample_ratio: f64) -> Self {
-        let trace = traceparent.and_then(TraceContext::parse).unwrap_or_else(|| TraceContext::new_root(sample_ratio));
+        let caller = traceparent.and_then(TraceContext::parse);
+        let trace = caller.unwrap_or_else(|| TraceContext::new_root(sample_ratio));
         // The id is random (a new span id), not derived from the trace: a client may send one
         // traceparent with many requests.
-        RequestContext { id: format!("{prefix}-{}", to_hex(&trace.child().span_id)), trace }
+        RequestContext {
+            id: format!("{prefix}-{}", to_hex(&trace.child().span_id)),
+            trace,
+            parent: caller.map(|c| c.span_id),
+        }
     }
 
     pub fn span(&self) -> tracing::Span {
         tracing::info_span!("request", request_id = %self.id, trace_id = %self.trace.trace_id_hex())
     }
 
-    /// The generation of choice `index`.
+    /// The generation of choice `index` (its own span in the request's trace).
     pub fn generation(&self, index: u32, prompt: Vec<u32>, sampling: SamplingParams) -> GenRequest {
-        GenRequest { id: format!("{}-{index}", self.id), prompt, sampling, trace: self.trace }
+        GenRequest {
+            id: format!("{}-{index}", self.id),
+            prompt,
+            sampling,
+            trace: self.trace.child(),
+            parent: self.parent,
+        }
     }
 }
 

@@ -27,7 +27,7 @@ pub use dispatch::{DispatchMetrics, FailoverReason, dispatch};
 pub use engine::{EngineMetrics, ModelDescription, engine};
 pub use expert::{ExpertMetrics, ExpertWorkerMetrics, expert};
 pub use http::{MetricsServer, metrics_response, serve};
-pub use process::{init, render};
+pub use process::{init, render, spans_dropped, spans_exported};
 pub use registry::watch_registry;
 pub use requests::{ErrorKind, FinishedReason, RequestMetrics, Role as RequestRole, RoleRequestMetrics, requests};
 

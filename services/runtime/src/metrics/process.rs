@@ -37,3 +37,22 @@ pub fn render() -> String {
     TextEncoder::new().encode(&prometheus::gather(), &mut out).expect("text encoding cannot fail on a Vec");
     String::from_utf8(out).expect("the text format is UTF-8")
 }
+
+/// Spans the OTLP exporter delivered / dropped (queue full, collector unreachable).
+fn span_counters() -> &'static (prometheus::IntCounter, prometheus::IntCounter) {
+    static M: OnceLock<(prometheus::IntCounter, prometheus::IntCounter)> = OnceLock::new();
+    M.get_or_init(|| {
+        (
+            super::counter("trace_spans_exported_total", "Spans delivered to the OTLP collector."),
+            super::counter("trace_spans_dropped_total", "Spans dropped (export queue full or collector unreachable)."),
+        )
+    })
+}
+
+pub fn spans_exported(n: u64) {
+    span_counters().0.inc_by(n);
+}
+
+pub fn spans_dropped(n: u64) {
+    span_counters().1.inc_by(n);
+}

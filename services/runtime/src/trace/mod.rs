@@ -5,6 +5,8 @@
 //!
 //! Format: `00-<32 hex trace id>-<16 hex parent span id>-<2 hex flags>`, flag bit 0 = sampled.
 
+pub mod export;
+
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 
