@@ -40,12 +40,14 @@ impl Cluster {
         let e = etcd.endpoint();
         let logs = tempfile::tempdir().unwrap();
         let base = ["--vocab-size", VOCAB, "--etcd", e.as_str(), "--lease-ttl", "2", "--metrics-listen", "127.0.0.1:0"];
-        let expert = |experts: &str, i: usize| {
+        let expert = |experts: &str, i: usize, more: &[&str]| {
             let mut args = vec!["--experts", experts];
             args.extend_from_slice(&base);
+            args.extend_from_slice(more);
             Worker::spawn_logged("expert", &args, &logs.path().join(format!("expert-{i}.log")))
         };
-        let experts = vec![expert("0-7", 0), expert("8-15", 1)];
+        // The second shard also counts per layer.
+        let experts = vec![expert("0-7", 0, &[]), expert("8-15", 1, &["--metrics-per-layer"])];
         let mut attention_args = base.to_vec();
         attention_args.extend_from_slice(extra);
         let attention = Worker::spawn_logged("attention", &attention_args, &logs.path().join("attention.log"));
@@ -232,8 +234,11 @@ fn counters_move_by_what_the_requests_imply_and_traces_reach_every_process() {
         total(experts, "expertmesh_expert_forward_calls_total", &[]),
         sum(att, "expertmesh_dispatch_calls_total", &[])
     );
+    let per_layer = |s: &[Sample]| sum(s, "expertmesh_expert_layer_routed_tokens_total", &[]);
+    assert_eq!(per_layer(&experts[0].1), 0.0, "per-layer detail is off by default");
+    assert_eq!(per_layer(&experts[1].1), sum(&experts[1].1, "expertmesh_expert_routed_tokens_total", &[]));
+    assert!(per_layer(&experts[1].1) > 0.0);
     for (who, s) in experts {
-        assert_eq!(sum(s, "expertmesh_expert_routed_tokens_total", &[]).fract(), 0.0);
         let held: BTreeSet<&str> = s
             .iter()
             .filter(|x| x.name == "expertmesh_expert_routed_tokens_total")

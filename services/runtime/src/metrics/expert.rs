@@ -127,3 +127,60 @@ impl ExpertWorkerMetrics {
         expert().errors.with_label_values(&[&self.worker, kind.label()]).inc();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exported(name: &str, labels: &[(&str, &str)]) -> f64 {
+        prometheus::gather()
+            .iter()
+            .filter(|f| f.name() == name)
+            .flat_map(|f| f.get_metric().iter())
+            .filter(|m| labels.iter().all(|(k, v)| m.get_label().iter().any(|l| l.name() == *k && l.value() == *v)))
+            .map(|m| m.get_counter().get_value())
+            .sum()
+    }
+
+    #[test]
+    fn routed_tokens_count_held_experts_per_expert_and_per_layer() {
+        // Layers 0-1 hold experts 2 and 5; layer 3 holds 5.
+        let held = [(0, 2), (0, 5), (1, 2), (1, 5), (3, 5)];
+        let w = expert().worker("unit-per-layer", &held, true);
+        w.routed(0, &[2, 5, 5, u32::MAX, 9]);
+        w.routed(3, &[5, 5]);
+        let per_expert =
+            |e: &str| exported("expertmesh_expert_routed_tokens_total", &[("worker", "unit-per-layer"), ("expert", e)]);
+        assert_eq!(per_expert("2"), 1.0);
+        assert_eq!(per_expert("5"), 4.0);
+        let per_layer = |l: &str, e: &str| {
+            exported(
+                "expertmesh_expert_layer_routed_tokens_total",
+                &[("worker", "unit-per-layer"), ("layer", l), ("expert", e)],
+            )
+        };
+        assert_eq!(per_layer("0", "5"), 2.0);
+        assert_eq!(per_layer("3", "5"), 2.0);
+        assert_eq!(per_layer("1", "2"), 0.0);
+        // Not held: no series at all (the label set stays bounded by what the worker holds).
+        assert_eq!(
+            exported("expertmesh_expert_routed_tokens_total", &[("worker", "unit-per-layer"), ("expert", "9")]),
+            0.0
+        );
+        let series = prometheus::gather()
+            .iter()
+            .filter(|f| f.name() == "expertmesh_expert_layer_routed_tokens_total")
+            .flat_map(|f| f.get_metric().iter())
+            .filter(|m| m.get_label().iter().any(|l| l.value() == "unit-per-layer"))
+            .count();
+        assert_eq!(series, held.len());
+
+        let plain = expert().worker("unit-plain", &held, false);
+        plain.routed(0, &[2]);
+        assert_eq!(
+            exported("expertmesh_expert_routed_tokens_total", &[("worker", "unit-plain"), ("expert", "2")]),
+            1.0
+        );
+        assert_eq!(exported("expertmesh_expert_layer_routed_tokens_total", &[("worker", "unit-plain")]), 0.0);
+    }
+}
