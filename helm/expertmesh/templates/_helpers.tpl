@@ -70,6 +70,16 @@ app.kubernetes.io/component: {{ .component }}
 - name: EXPERTMESH_ETCD_PASSWORD
   valueFrom: {secretKeyRef: {name: {{ . }}, key: password}}
 {{- end }}
+{{- if and (not .Values.etcd.enabled) .Values.etcd.external.tls.existingSecret }}
+- name: EXPERTMESH_ETCD_CA
+  value: /etc/expertmesh/etcd-tls/ca.crt
+{{- if .Values.etcd.external.tls.clientCertificate }}
+- name: EXPERTMESH_ETCD_CERT
+  value: /etc/expertmesh/etcd-tls/tls.crt
+- name: EXPERTMESH_ETCD_KEY
+  value: /etc/expertmesh/etcd-tls/tls.key
+{{- end }}
+{{- end }}
 - name: EXPERTMESH_LOG_FORMAT
   value: {{ .Values.logging.format | quote }}
 - name: RUST_LOG
@@ -101,6 +111,11 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 - name: tmp
   emptyDir: {}
+{{- if and (not .Values.etcd.enabled) .Values.etcd.external.tls.existingSecret }}
+- name: etcd-tls
+  secret:
+    secretName: {{ .Values.etcd.external.tls.existingSecret }}
+{{- end }}
 {{- end -}}
 
 {{- define "expertmesh.volumeMounts" -}}
@@ -111,6 +126,11 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 - name: tmp
   mountPath: /tmp
+{{- if and (not .Values.etcd.enabled) .Values.etcd.external.tls.existingSecret }}
+- name: etcd-tls
+  mountPath: /etc/expertmesh/etcd-tls
+  readOnly: true
+{{- end }}
 {{- end -}}
 
 {{/* Resources with `devices` accelerators added to requests and limits. */}}

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{Reference, Worker, engine_client, generate, greedy_request, prompt, wait_ready};
-use expertmesh_runtime::registry::{EtcdOptions, EtcdRegistry, Registry, Role, wait_for};
+use expertmesh_runtime::registry::{EtcdOptions, EtcdRegistry, EtcdTls, Registry, Role, wait_for};
 use expertmesh_runtime::testkit::EtcdServer;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -215,4 +215,41 @@ async fn sigterm_leaves_the_registry_at_once_and_drains_running_requests() {
     let tokens = running.await.unwrap().expect("the running request completes during the drain");
     assert_eq!(tokens, reference.greedy(&prompt(7, 6), 60));
     assert!(c.attention.wait_success(), "attention worker exits with success");
+}
+
+/// etcd over TLS with client certificates: a worker given the CA and its certificate registers;
+/// a client without a certificate is refused by etcd and never connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_over_tls_with_client_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = expertmesh_runtime::testkit::TestCerts::generate(dir.path());
+    let etcd = EtcdServer::start_tls(certs.clone());
+    let endpoint = etcd.endpoint();
+    assert!(endpoint.starts_with("https://"));
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let (ca, cert, key) = (path(&certs.ca), path(&certs.client_cert), path(&certs.client_key));
+    let _expert = Worker::expert(
+        "0-15",
+        &["--etcd", &endpoint, "--lease-ttl", TTL, "--etcd-ca", &ca, "--etcd-cert", &cert, "--etcd-key", &key],
+    );
+
+    let read = |p: &std::path::Path| std::fs::read(p).unwrap();
+    let mut opts = EtcdOptions::new(vec![endpoint.clone()]);
+    opts.tls = Some(EtcdTls {
+        ca: Some(read(&certs.ca)),
+        identity: Some((read(&certs.client_cert), read(&certs.client_key))),
+    });
+    let trusted = EtcdRegistry::start(opts).unwrap();
+    let (seen, view) =
+        wait_for(&mut trusted.subscribe(), Duration::from_secs(10), |v| v.of_role(Role::Expert).count() == 1).await;
+    assert!(seen, "the worker registered over TLS: {view:?}");
+
+    let mut anonymous = EtcdOptions::new(vec![endpoint]);
+    anonymous.tls = Some(EtcdTls { ca: Some(read(&certs.ca)), identity: None });
+    let refused = EtcdRegistry::start(anonymous).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!refused.status().connected, "etcd requires a client certificate");
+    assert!(refused.subscribe().borrow().workers.is_empty());
+    refused.close().await;
+    trusted.close().await;
 }

@@ -1,11 +1,12 @@
 //! Flags shared by the cluster roles (every one also an `EXPERTMESH_*` environment variable, so
 //! Kubernetes can set it) and the registry they select.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use expertmesh_runtime::metrics::{self, MetricsServer};
-use expertmesh_runtime::registry::{EtcdOptions, EtcdRegistry, MemoryRegistry, Registry, Topology};
+use expertmesh_runtime::registry::{EtcdOptions, EtcdRegistry, EtcdTls, MemoryRegistry, Registry, Topology};
 use expertmesh_runtime::shutdown::Shutdown;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +27,15 @@ pub struct RegistryArgs {
     pub etcd_user: Option<String>,
     #[arg(long, env = "EXPERTMESH_ETCD_PASSWORD", hide_env_values = true)]
     pub etcd_password: Option<String>,
+    /// PEM file of the CA that signed etcd's certificate (TLS; `https://` endpoints without it
+    /// trust the system's roots).
+    #[arg(long, env = "EXPERTMESH_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// PEM client certificate for an etcd that checks clients (with --etcd-key).
+    #[arg(long, env = "EXPERTMESH_ETCD_CERT", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    #[arg(long, env = "EXPERTMESH_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
 }
 
 impl RegistryArgs {
@@ -37,6 +47,16 @@ impl RegistryArgs {
         opts.prefix = self.etcd_prefix.clone();
         opts.ttl = Duration::from_secs(self.lease_ttl.max(1));
         opts.user = self.etcd_user.clone().zip(self.etcd_password.clone());
+        let read = |flag: &str, p: &PathBuf| std::fs::read(p).with_context(|| format!("{flag} {}", p.display()));
+        if self.etcd_ca.is_some() || self.etcd_cert.is_some() {
+            opts.tls = Some(EtcdTls {
+                ca: self.etcd_ca.as_ref().map(|p| read("--etcd-ca", p)).transpose()?,
+                identity: match (&self.etcd_cert, &self.etcd_key) {
+                    (Some(c), Some(k)) => Some((read("--etcd-cert", c)?, read("--etcd-key", k)?)),
+                    _ => None,
+                },
+            });
+        }
         Ok(Arc::new(EtcdRegistry::start(opts)?))
     }
 }

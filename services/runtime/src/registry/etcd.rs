@@ -24,6 +24,36 @@ pub struct EtcdOptions {
     /// Per-request deadline (connect, put, get).
     pub request_timeout: Duration,
     pub user: Option<(String, String)>,
+    /// TLS to etcd (`https://` endpoints): CA and optional client identity, PEM.
+    pub tls: Option<EtcdTls>,
+}
+
+/// PEM material for TLS to etcd.
+#[derive(Clone, Debug, Default)]
+pub struct EtcdTls {
+    /// The CA that signed etcd's server certificate (default: the system's roots).
+    pub ca: Option<Vec<u8>>,
+    /// Client certificate and key, for an etcd with `--client-cert-auth`.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+/// Adds TLS to the connect options (builds with the `tls` feature).
+#[cfg(feature = "tls")]
+fn with_tls(options: ConnectOptions, tls: &EtcdTls) -> ConnectOptions {
+    use etcd_client::{Certificate, Identity, TlsOptions};
+    let mut config = TlsOptions::new();
+    if let Some(ca) = &tls.ca {
+        config = config.ca_certificate(Certificate::from_pem(ca));
+    }
+    if let Some((cert, key)) = &tls.identity {
+        config = config.identity(Identity::from_pem(cert, key));
+    }
+    options.with_tls(config)
+}
+
+#[cfg(not(feature = "tls"))]
+fn with_tls(options: ConnectOptions, _: &EtcdTls) -> ConnectOptions {
+    options
 }
 
 impl EtcdOptions {
@@ -34,6 +64,7 @@ impl EtcdOptions {
             ttl: Duration::from_secs(10),
             request_timeout: Duration::from_secs(2),
             user: None,
+            tls: None,
         }
     }
 
@@ -61,6 +92,14 @@ impl EtcdRegistry {
         opts.ttl = opts.ttl.max(Duration::from_secs(1));
         if opts.endpoints.is_empty() {
             return Err(ServiceError::invalid("etcd", "no endpoints given"));
+        }
+        let https = opts.endpoints.iter().any(|e| e.starts_with("https://"));
+        if https && opts.tls.is_none() {
+            // (The system's roots then vouch for etcd's certificate.)
+            opts.tls = Some(EtcdTls::default());
+        }
+        if opts.tls.is_some() && !cfg!(feature = "tls") {
+            return Err(ServiceError::invalid("etcd", "TLS needs a build with the `tls` feature"));
         }
         let (cmds, rx) = mpsc::unbounded_channel();
         let (view_tx, view) = watch::channel(Arc::new(RegistryView::default()));
@@ -216,6 +255,9 @@ impl Session {
             .with_keep_alive(Duration::from_secs(1), self.opts.request_timeout);
         if let Some((user, password)) = &self.opts.user {
             options = options.with_user(user, password);
+        }
+        if let Some(tls) = &self.opts.tls {
+            options = with_tls(options, tls);
         }
         match tokio::time::timeout(self.opts.request_timeout, Client::connect(&self.opts.endpoints, Some(options)))
             .await

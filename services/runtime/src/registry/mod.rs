@@ -10,7 +10,7 @@ mod etcd;
 mod memory;
 mod record;
 
-pub use etcd::{EtcdOptions, EtcdRegistry};
+pub use etcd::{EtcdOptions, EtcdRegistry, EtcdTls};
 pub use memory::MemoryRegistry;
 pub use record::{HeldExperts, Load, Role, Topology, WorkerRecord};
 
