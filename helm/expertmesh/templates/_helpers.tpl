@@ -182,6 +182,9 @@ no group, and groups sharing experts without `extraReplica: true`.
 {{- end -}}
 {{- $count := add (sub $to $from) 1 -}}
 {{- $split := int (default 1 $g.split) -}}
+{{- if and $g.node (gt (int (default 1 $g.replicas)) 1) -}}
+{{- fail (printf "expertShards[%s]: replicas on one node (%s) do not survive its loss; drop node or replicas" $g.name $g.node) -}}
+{{- end -}}
 {{- if gt $split (int $count) -}}
 {{- fail (printf "expertShards[%s].split: %d groups for %d experts" $g.name $split $count) -}}
 {{- end -}}
@@ -189,7 +192,7 @@ no group, and groups sharing experts without `extraReplica: true`.
 {{- $start := add $from (div (mul $i $count) $split) -}}
 {{- $end := sub (add $from (div (mul (add $i 1) $count) $split)) 1 -}}
 {{- $name := ternary $g.name (printf "%s-%d" $g.name $i) (eq $split 1) -}}
-{{- $groups = append $groups (dict "name" $name "from" $start "to" $end "replicas" (int (default 1 $g.replicas)) "devices" (int (default 0 $g.devices)) "superpod" (default "" $g.superpod) "extraReplica" (default false $g.extraReplica) "resources" (default dict $g.resources) "nodeSelector" (default dict $g.nodeSelector) "tolerations" (default list $g.tolerations) "affinity" (default dict $g.affinity)) -}}
+{{- $groups = append $groups (dict "name" $name "from" $start "to" $end "replicas" (int (default 1 $g.replicas)) "devices" (int (default 0 $g.devices)) "superpod" (default "" $g.superpod) "node" (default "" $g.node) "extraReplica" (default false $g.extraReplica) "resources" (default dict $g.resources) "nodeSelector" (default dict $g.nodeSelector) "tolerations" (default list $g.tolerations) "affinity" (default dict $g.affinity)) -}}
 {{- end -}}
 {{- end -}}
 {{- range $i, $a := $groups -}}
