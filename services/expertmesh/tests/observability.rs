@@ -223,6 +223,8 @@ fn counters_move_by_what_the_requests_imply_and_traces_reach_every_process() {
     }
     assert_eq!(sum(att, "expertmesh_registry_connected", &[]), 1.0);
     assert_eq!(sum(att, "expertmesh_registry_workers", &[("role", "expert")]), 2.0);
+    assert_eq!(sum(att, "expertmesh_registry_worker_changes_total", &[("role", "expert"), ("change", "joined")]), 2.0);
+    assert_eq!(sum(att, "expertmesh_registry_worker_changes_total", &[("change", "left")]), 0.0);
     // Every (token, layer) pair picks 4 experts; the shards count each pick once.
     let experts = &scrapes[2..];
     assert_eq!(
@@ -248,6 +250,23 @@ fn counters_move_by_what_the_requests_imply_and_traces_reach_every_process() {
         assert!(sum(s, "expertmesh_expert_resident_weight_bytes", &[]) > 0.0, "{who}");
         assert!(sum(s, "process_resident_memory_bytes", &[]) > 0.0, "{who}");
         assert_eq!(sum(s, "expertmesh_build_info", &[]), 1.0, "{who}");
+    }
+
+    // Registry upkeep: keep-alives go out every TTL/3 (2 s / 3 here), each confirming the view.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let scrapes = c.scrape();
+        let renewed = scrapes.iter().all(|(_, s)| sum(s, "expertmesh_registry_lease_renewals_total", &[]) > 0.0);
+        if renewed {
+            for (who, s) in &scrapes {
+                assert_eq!(sum(s, "expertmesh_registry_lease_failures_total", &[]), 0.0, "{who}");
+                let age = sum(s, "expertmesh_registry_last_sync_age_seconds", &[]);
+                assert!((0.0..5.0).contains(&age), "{who}: last registry sync {age} s ago");
+            }
+            break;
+        }
+        assert!(Instant::now() < deadline, "no lease renewal within 10 s");
+        std::thread::sleep(Duration::from_millis(200));
     }
 
     // The traced request: its trace id in the gateway's JSON log lines (with the request id),
