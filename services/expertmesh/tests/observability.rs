@@ -84,7 +84,10 @@ impl Cluster {
 fn completion(url: &str, body: Value, headers: &[(&str, &str)]) -> Value {
     let r: Http = post(url, "/v1/completions", &body, headers);
     assert_eq!(r.status, 200, "{}", r.body);
-    serde_json::from_str(&r.body).unwrap()
+    let v: Value = serde_json::from_str(&r.body).unwrap();
+    // The id in the body, the response header and the logs is one.
+    assert_eq!(r.header("x-request-id"), v["id"].as_str(), "{}", r.head);
+    v
 }
 
 #[derive(Debug)]
@@ -190,6 +193,8 @@ fn counters_move_by_what_the_requests_imply_and_traces_reach_every_process() {
 
     let bad = post(url, "/v1/completions", &json!({"prompt": [5], "max_tokens": 0}), &[]);
     assert_eq!(bad.status, 400);
+    assert!(bad.header("x-request-id").is_some_and(|id| id.starts_with("cmpl-")), "{}", bad.head);
+    assert!(chat.header("x-request-id").is_some_and(|id| id.starts_with("chatcmpl-")), "{}", chat.head);
 
     let (generations, prompt, completion_tokens) = expected;
     // Every token but each generation's last goes through every MoE layer once.

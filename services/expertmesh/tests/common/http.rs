@@ -33,6 +33,8 @@ pub fn gateway_flags(tokenizer: &std::path::Path, etcd: &str, prefix: &str) -> V
 /// A raw HTTP/1.1 exchange (`Connection: close`): status and de-chunked body.
 pub struct Http {
     pub status: u16,
+    /// The response's header lines, as sent.
+    pub head: String,
     pub body: String,
 }
 
@@ -76,11 +78,21 @@ pub fn finish(mut raw: Vec<u8>, mut s: TcpStream) -> Http {
     } else {
         raw[split + 4..].to_vec()
     };
-    Http { status, body: String::from_utf8(body).unwrap() }
+    Http { status, head, body: String::from_utf8(body).unwrap() }
 }
 
 pub fn post(url: &str, path: &str, body: &Value, headers: &[(&str, &str)]) -> Http {
     finish(Vec::new(), send(url, "POST", path, &body.to_string(), headers))
+}
+
+impl Http {
+    /// A header's value (names compare case-insensitively).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
 }
 
 pub fn get(url: &str, path: &str) -> Http {

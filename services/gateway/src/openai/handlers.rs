@@ -109,11 +109,21 @@ fn context(s: &AppState, headers: &HeaderMap, kind: Kind) -> RequestContext {
     RequestContext::new(prefix, headers.get(TRACEPARENT).and_then(|v| v.to_str().ok()), s.trace_sample_ratio)
 }
 
+/// The response header naming the request (as in its log lines), like OpenAI's API.
+const REQUEST_ID: &str = "x-request-id";
+
+fn with_request_id(mut r: Response, id: &str) -> Response {
+    if let Ok(v) = header::HeaderValue::from_str(id) {
+        r.headers_mut().insert(REQUEST_ID, v);
+    }
+    r
+}
+
 /// A request refused before any generation started: counted, then answered.
-fn rejected(e: ApiError) -> Response {
+fn rejected(e: ApiError, id: &str) -> Response {
     gateway_metrics().failed(e.error_kind());
     tracing::info!(status = e.status.as_u16(), message = %e.message, "request refused");
-    e.into_response()
+    with_request_id(e.into_response(), id)
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -269,7 +279,7 @@ async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, body: B
     .await;
     match result {
         Ok(plan) => run(s, plan, Kind::Completion, ctx).instrument(span).await,
-        Err(e) => span.in_scope(|| rejected(e)),
+        Err(e) => span.in_scope(|| rejected(e, &ctx.id)),
     }
 }
 
@@ -320,7 +330,7 @@ async fn chat_completions(State(s): State<Arc<AppState>>, headers: HeaderMap, bo
     .await;
     match result {
         Ok(plan) => run(s, plan, Kind::Chat, ctx).instrument(span).await,
-        Err(e) => span.in_scope(|| rejected(e)),
+        Err(e) => span.in_scope(|| rejected(e, &ctx.id)),
     }
 }
 
@@ -355,18 +365,16 @@ struct Choice<'t> {
 async fn run(s: Arc<AppState>, plan: Plan, kind: Kind, ctx: RequestContext) -> Response {
     // Held until the response (or its stream) ends.
     let Ok(permit) = s.slots.clone().try_acquire_owned() else {
-        return rejected(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limit_error",
-            "too many requests in flight",
-        ));
+        return rejected(
+            ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "too many requests in flight"),
+            &ctx.id,
+        );
     };
     if s.engines.workers() == 0 {
-        return rejected(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "service_unavailable",
-            "no attention worker is available",
-        ));
+        return rejected(
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", "no attention worker is available"),
+            &ctx.id,
+        );
     }
     tracing::info!(prompt_tokens = plan.prompt.len(), n = plan.n, stream = plan.stream, "request accepted");
     // n independent generations; a fixed seed gives each choice its own stream (seed + index).
@@ -380,10 +388,11 @@ async fn run(s: Arc<AppState>, plan: Plan, kind: Kind, ctx: RequestContext) -> R
     let id = ctx.id;
     if plan.stream {
         let (tx, rx) = mpsc::channel::<Bytes>(64);
-        tokio::spawn(stream_events(s.clone(), plan, kind, id, merged, tx, permit).in_current_span());
+        tokio::spawn(stream_events(s.clone(), plan, kind, id.clone(), merged, tx, permit).in_current_span());
         let body = Body::from_stream(ReceiverStream::new(rx).map(Ok::<_, std::convert::Infallible>));
         return Response::builder()
             .header(header::CONTENT_TYPE, "text/event-stream")
+            .header(REQUEST_ID, id.as_str())
             .header(header::CACHE_CONTROL, "no-cache")
             .body(body)
             .unwrap();
@@ -402,7 +411,7 @@ async fn run(s: Arc<AppState>, plan: Plan, kind: Kind, ctx: RequestContext) -> R
     while let Some((i, ev)) = merged.next().await {
         let c = &mut choices[i];
         match ev {
-            Err(e) => return ApiError::from(e).into_response(),
+            Err(e) => return with_request_id(ApiError::from(e).into_response(), &id),
             Ok(GenEvent::Token { id, logprob }) => {
                 c.completion_tokens += 1;
                 if let Some(lp) = logprob.filter(|_| plan.logprobs) {
@@ -467,7 +476,7 @@ async fn run(s: Arc<AppState>, plan: Plan, kind: Kind, ctx: RequestContext) -> R
             "usage": usage,
         }),
     };
-    axum::Json(body).into_response()
+    with_request_id(axum::Json(body).into_response(), &id)
 }
 
 fn sse(value: &Value) -> Bytes {
