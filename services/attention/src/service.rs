@@ -92,14 +92,15 @@ impl EngineService for EngineServiceImpl {
     /// Dropping the returned stream (the caller went away) drops the receiver, which the engine
     /// notices before its next step and cancels the sequence.
     async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<EventStream>, Status> {
-        if self.shutdown.is_triggered() {
-            return Err(ServiceError::Unavailable(format!("{} is shutting down", self.worker_id)).into());
-        }
         let trace = TraceContext::from_metadata(request.metadata());
-        let submitted = self.params(request.into_inner(), trace).and_then(|p| {
-            let id = p.id.clone();
-            Ok((id, self.scheduler.submit(p)?))
-        });
+        let submitted = if self.shutdown.is_triggered() {
+            Err(ServiceError::Unavailable(format!("{} is shutting down", self.worker_id)))
+        } else {
+            self.params(request.into_inner(), trace).and_then(|p| {
+                let id = p.id.clone();
+                Ok((id, self.scheduler.submit(p)?))
+            })
+        };
         let (id, mut rx) = submitted.inspect_err(|e| {
             requests().role(RequestRole::Attention).failed(ErrorKind::of_code(e.code()));
             let trace_id = trace.map_or_else(|| "-".into(), |t| t.trace_id_hex());
