@@ -257,8 +257,9 @@ impl ExpertBackend for RemoteExperts {
             let mut requests = Vec::with_capacity(calls.len());
             for c in &calls {
                 let req = self.request(layer, hidden, routes, c);
-                stats.bytes_sent.fetch_add(req.encoded_len() as u64, Ordering::Relaxed);
-                metrics.sent_bytes.inc_by(req.encoded_len() as u64);
+                let bytes = req.encoded_len() as u64;
+                stats.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
+                metrics.sent_bytes.inc_by(bytes);
                 let ideal = c.tokens.len() * (2 * d * self.opts.wire.bytes() + 8 * routes.k);
                 stats.ideal_bytes.fetch_add(ideal as u64, Ordering::Relaxed);
                 let shard = &placement.shards[c.shard];
@@ -332,8 +333,9 @@ async fn call_shard(
         }
         Ok(Ok(r)) => r,
     };
-    stats.bytes_received.fetch_add(reply.encoded_len() as u64, Ordering::Relaxed);
-    dispatch().received_bytes.inc_by(reply.encoded_len() as u64);
+    let bytes = reply.encoded_len() as u64;
+    stats.bytes_received.fetch_add(bytes, Ordering::Relaxed);
+    dispatch().received_bytes.inc_by(bytes);
     match wire::decode(reply.output.as_ref(), dim, "output") {
         Ok(m) if m.rows == rows => Outcome::Done(m.values),
         // A worker answering nonsense (another checkpoint, a bug) is treated like a failed one:

@@ -8,7 +8,7 @@ use expertmesh_proto::v1::{
     TokenEvent,
 };
 use expertmesh_runtime::ServiceError;
-use expertmesh_runtime::metrics::{ErrorKind, RequestRole, requests};
+use expertmesh_runtime::metrics::{ErrorKind, RequestRole, role_metrics};
 use expertmesh_runtime::shutdown::Shutdown;
 use expertmesh_runtime::trace::TraceContext;
 use std::pin::Pin;
@@ -102,7 +102,7 @@ impl EngineService for EngineServiceImpl {
             })
         };
         let (id, mut rx) = submitted.inspect_err(|e| {
-            requests().role(RequestRole::Attention).failed(ErrorKind::of_code(e.code()));
+            role_metrics(RequestRole::Attention).failed(ErrorKind::of_code(e.code()));
             let trace_id = trace.map_or_else(|| "-".into(), |t| t.trace_id_hex());
             tracing::info!(%trace_id, error = %e, "request refused");
         })?;

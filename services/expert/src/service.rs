@@ -11,7 +11,6 @@ use expertmesh_runtime::wire;
 use prost::Message;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
@@ -33,8 +32,6 @@ struct Inner {
     shutdown: Shutdown,
     worker_id: String,
     max_tokens: usize,
-    calls: AtomicU64,
-    tokens: AtomicU64,
     metrics: ExpertWorkerMetrics,
 }
 
@@ -50,22 +47,8 @@ impl ExpertServiceImpl {
         let held: Vec<(usize, usize)> = store.held().collect();
         let metrics = expertmesh_runtime::metrics::expert().worker(&worker_id, &held, per_layer_metrics);
         metrics.resident_bytes.set(store.resident_bytes() as i64);
-        let inner = Inner {
-            store,
-            pool,
-            shutdown,
-            worker_id,
-            max_tokens,
-            calls: AtomicU64::new(0),
-            tokens: AtomicU64::new(0),
-            metrics,
-        };
+        let inner = Inner { store, pool, shutdown, worker_id, max_tokens, metrics };
         ExpertServiceImpl { inner: Arc::new(inner) }
-    }
-
-    /// Calls and tokens served so far.
-    pub fn served(&self) -> (u64, u64) {
-        (self.inner.calls.load(Ordering::Relaxed), self.inner.tokens.load(Ordering::Relaxed))
     }
 
     /// One call, counted in the worker's metrics whichever way it ends.
@@ -113,8 +96,6 @@ impl ExpertServiceImpl {
             .await
             .map_err(|_| ServiceError::Internal("compute task ended without a result".into()))?
             .map_err(|e| ServiceError::Internal(format!("layer {layer}: {e}")))?;
-        inner.calls.fetch_add(1, Ordering::Relaxed);
-        inner.tokens.fetch_add(tokens as u64, Ordering::Relaxed);
         inner.metrics.calls.inc();
         inner.metrics.tokens.inc_by(tokens as u64);
         Ok(ForwardResponse { call_id, output: Some(wire::encode(&out, tokens, inner.store.dim(), dtype)), error: None })

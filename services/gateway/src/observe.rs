@@ -4,18 +4,18 @@
 //! for sampled traces) one span per generation.
 
 use expertmesh_proto::v1::FinishReason;
-use expertmesh_runtime::metrics::{ErrorKind, FinishedReason, RequestRole, RoleRequestMetrics, requests};
+use expertmesh_runtime::metrics::{
+    ErrorKind, FinishedReason, RequestRole, RoleRequestMetrics, TokenClock, role_metrics,
+};
 use expertmesh_runtime::trace::TraceContext;
 use expertmesh_runtime::trace::export::{self, SpanRecord, Value};
-use std::sync::OnceLock;
 use std::time::{Instant, SystemTime};
 
 use crate::generation::{GenEvent, GenItem, GenRequest};
 
-/// The gateway's request families (created once).
+/// The gateway's request families.
 pub fn gateway_metrics() -> &'static RoleRequestMetrics {
-    static M: OnceLock<RoleRequestMetrics> = OnceLock::new();
-    M.get_or_init(|| requests().role(RequestRole::Gateway))
+    role_metrics(RequestRole::Gateway)
 }
 
 pub struct Observer {
@@ -26,8 +26,7 @@ pub struct Observer {
     prompt_tokens: usize,
     started: SystemTime,
     arrived: Instant,
-    first: Option<Instant>,
-    last: Option<Instant>,
+    clock: TokenClock,
     tokens: usize,
     ended: bool,
 }
@@ -45,8 +44,7 @@ impl Observer {
             prompt_tokens: req.prompt.len(),
             started: SystemTime::now(),
             arrived: Instant::now(),
-            first: None,
-            last: None,
+            clock: TokenClock::default(),
             tokens: 0,
             ended: false,
         }
@@ -56,17 +54,8 @@ impl Observer {
         let m = gateway_metrics();
         match item {
             Ok(GenEvent::Token { .. }) => {
-                let now = Instant::now();
-                match self.last {
-                    None => {
-                        m.first_token.observe((now - self.arrived).as_secs_f64());
-                        self.first = Some(now);
-                    }
-                    Some(last) => m.inter_token.observe((now - last).as_secs_f64()),
-                }
-                self.last = Some(now);
+                self.clock.token(m, self.arrived);
                 self.tokens += 1;
-                m.generation_tokens.inc();
             }
             Ok(GenEvent::Finished { reason, .. }) => {
                 let reason = if *reason == FinishReason::Stop { FinishedReason::Stop } else { FinishedReason::Length };
@@ -85,13 +74,9 @@ impl Observer {
             return;
         }
         let m = gateway_metrics();
-        let now = Instant::now();
         m.running.dec();
-        m.e2e.observe((now - self.arrived).as_secs_f64());
-        if let Some(first) = self.first {
-            m.decode.observe((now - first).as_secs_f64());
-        }
-        let seconds = (now - self.arrived).as_secs_f64();
+        self.clock.end(m, self.arrived);
+        let seconds = self.arrived.elapsed().as_secs_f64();
         let outcome = match how {
             Ok(reason) => reason.label(),
             Err(kind) => kind.label(),

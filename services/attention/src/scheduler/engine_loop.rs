@@ -22,7 +22,7 @@ pub struct EngineLoop {
     waiting: VecDeque<Submission>,
     running: Vec<Sequence>,
     kv_used: u64,
-    requests: RoleRequestMetrics,
+    requests: &'static RoleRequestMetrics,
     engine: &'static EngineMetrics,
 }
 
@@ -55,7 +55,7 @@ impl EngineLoop {
             waiting: VecDeque::new(),
             running: Vec::new(),
             kv_used: 0,
-            requests: metrics::requests().role(RequestRole::Attention),
+            requests: metrics::role_metrics(RequestRole::Attention),
             engine: metrics::engine(),
         }
     }
@@ -102,7 +102,7 @@ impl EngineLoop {
                 }
                 if let Some(i) = running {
                     let seq = self.running.swap_remove(i);
-                    seq.finish(FinishReason::Cancelled, &self.requests);
+                    seq.finish(FinishReason::Cancelled, self.requests);
                     self.kv_used -= seq.sub.state_bytes;
                 }
             }
@@ -118,7 +118,7 @@ impl EngineLoop {
             self.requests.failed(metrics::ErrorKind::Unavailable);
         }
         for s in self.running.drain(..) {
-            s.fail(&gone, &self.requests);
+            s.fail(&gone, self.requests);
         }
         self.kv_used = 0;
         self.publish();
@@ -132,8 +132,8 @@ impl EngineLoop {
             self.requests.finished(FinishedReason::Abort);
         }
         let gone: Vec<bool> = self.running.iter().map(|s| s.sub.events.is_closed()).collect();
-        let requests = self.requests.clone();
-        self.retire(&gone, |s| s.finish(FinishReason::Cancelled, &requests));
+        let requests = self.requests;
+        self.retire(&gone, |s| s.finish(FinishReason::Cancelled, requests));
     }
 
     /// Removes the running sequences marked in `mask` (indexed like `running`), releasing their
@@ -232,8 +232,8 @@ impl EngineLoop {
             Err(err) => {
                 // Every sequence in the step has an inconsistent state now: fail them all.
                 tracing::warn!(error = %err, sequences = plan.len(), "engine step failed");
-                let requests = self.requests.clone();
-                self.retire(&in_step, |s| s.fail(&err, &requests));
+                let requests = self.requests;
+                self.retire(&in_step, |s| s.fail(&err, requests));
                 return;
             }
         };
@@ -251,7 +251,7 @@ impl EngineLoop {
             }
             let sampled = s.sampler.sample(&out.logits);
             s.generated.push(sampled.token);
-            s.observe_token(&self.requests);
+            s.observe_token(self.requests);
             self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
             let event = EngineEvent::Token {
                 token: sampled.token,
@@ -259,7 +259,7 @@ impl EngineLoop {
                 logprob: s.sub.params.logprobs.then_some(sampled.logprob),
             };
             if !s.send(event) {
-                s.finish(FinishReason::Cancelled, &self.requests);
+                s.finish(FinishReason::Cancelled, self.requests);
                 done[*i] = true;
                 continue;
             }
@@ -271,7 +271,7 @@ impl EngineLoop {
                 None
             };
             if let Some(r) = reason {
-                s.finish(r, &self.requests);
+                s.finish(r, self.requests);
                 done[*i] = true;
             }
         }

@@ -3,7 +3,7 @@
 
 use expertmesh_model::engine::{Sampler, SequenceState};
 use expertmesh_runtime::ServiceError;
-use expertmesh_runtime::metrics::{ErrorKind, FinishedReason, RoleRequestMetrics};
+use expertmesh_runtime::metrics::{ErrorKind, FinishedReason, RoleRequestMetrics, TokenClock};
 use expertmesh_runtime::trace::export::{self, SpanRecord, Value};
 use std::time::{Instant, SystemTime};
 
@@ -25,8 +25,7 @@ pub struct Sequence {
     pub prefilled: usize,
     pub generated: Vec<u32>,
     pub admitted: Instant,
-    first_token: Option<Instant>,
-    last_token: Option<Instant>,
+    clock: TokenClock,
 }
 
 impl Submission {
@@ -40,32 +39,15 @@ impl Sequence {
     pub fn new(sub: Submission, state: SequenceState) -> Self {
         let sampler = Sampler::new(sub.params.sampling, sub.params.seed);
         let admitted = Instant::now();
-        Sequence {
-            sub,
-            state,
-            sampler,
-            prefilled: 0,
-            generated: Vec::new(),
-            admitted,
-            first_token: None,
-            last_token: None,
-        }
+        Sequence { sub, state, sampler, prefilled: 0, generated: Vec::new(), admitted, clock: TokenClock::default() }
     }
 
     /// Records a sampled token's timing: time to first token and prefill time for the first,
     /// inter-token latency after.
     pub fn observe_token(&mut self, m: &RoleRequestMetrics) {
-        let now = Instant::now();
-        match self.last_token {
-            None => {
-                m.first_token.observe((now - self.sub.submitted).as_secs_f64());
-                m.prefill.observe((now - self.admitted).as_secs_f64());
-                self.first_token = Some(now);
-            }
-            Some(last) => m.inter_token.observe((now - last).as_secs_f64()),
+        if self.clock.token(m, self.sub.submitted) {
+            m.prefill.observe(self.admitted.elapsed().as_secs_f64());
         }
-        self.last_token = Some(now);
-        m.generation_tokens.inc();
     }
 
     pub fn id(&self) -> &str {
@@ -90,11 +72,7 @@ impl Sequence {
             prompt_tokens: self.sub.params.prompt.len(),
             completion_tokens: self.generated.len(),
         });
-        let now = Instant::now();
-        m.e2e.observe((now - self.sub.submitted).as_secs_f64());
-        if let Some(first) = self.first_token {
-            m.decode.observe((now - first).as_secs_f64());
-        }
+        self.clock.end(m, self.sub.submitted);
         let finished = match reason {
             FinishReason::Stop => FinishedReason::Stop,
             FinishReason::Length => FinishedReason::Length,
@@ -108,7 +86,7 @@ impl Sequence {
             ?reason,
             prompt_tokens = self.sub.params.prompt.len(),
             completion_tokens = self.generated.len(),
-            seconds = (now - self.sub.submitted).as_secs_f64(),
+            seconds = self.sub.submitted.elapsed().as_secs_f64(),
             "request finished"
         );
     }

@@ -29,7 +29,10 @@ pub use expert::{ExpertMetrics, ExpertWorkerMetrics, expert};
 pub use http::{MetricsServer, metrics_response, serve};
 pub use process::{init, render, spans_dropped, spans_exported};
 pub use registry::watch_registry;
-pub use requests::{ErrorKind, FinishedReason, RequestMetrics, Role as RequestRole, RoleRequestMetrics, requests};
+pub use requests::{
+    ErrorKind, FinishedReason, RequestMetrics, Role as RequestRole, RoleRequestMetrics, TokenClock, requests,
+    role_metrics,
+};
 
 use prometheus::core::Collector;
 use prometheus::{

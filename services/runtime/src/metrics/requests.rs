@@ -3,6 +3,7 @@
 
 use prometheus::{Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
 use std::sync::OnceLock;
+use std::time::Instant;
 
 use super::buckets::{FIRST_TOKEN_SECONDS, INTER_TOKEN_SECONDS, REQUEST_SECONDS};
 use super::{counter_vec, histogram_vec, int_gauge_vec};
@@ -196,10 +197,54 @@ pub fn requests() -> &'static RequestMetrics {
     })
 }
 
+/// The families of `role`, resolved once per process.
+pub fn role_metrics(role: Role) -> &'static RoleRequestMetrics {
+    static M: [OnceLock<RoleRequestMetrics>; 2] = [OnceLock::new(), OnceLock::new()];
+    M[role as usize].get_or_init(|| requests().role(role))
+}
+
+/// One sequence's token timing: time to first token, then the gap between tokens; at the end,
+/// the whole request and its decode phase.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TokenClock {
+    first: Option<Instant>,
+    last: Option<Instant>,
+}
+
+impl TokenClock {
+    /// Records a token generated now for a request that arrived at `arrived`; true for the first.
+    pub fn token(&mut self, m: &RoleRequestMetrics, arrived: Instant) -> bool {
+        let now = Instant::now();
+        let first = match self.last {
+            None => {
+                m.first_token.observe((now - arrived).as_secs_f64());
+                self.first = Some(now);
+                true
+            }
+            Some(last) => {
+                m.inter_token.observe((now - last).as_secs_f64());
+                false
+            }
+        };
+        self.last = Some(now);
+        m.generation_tokens.inc();
+        first
+    }
+
+    /// Records the end of a request that arrived at `arrived`: end-to-end and decode time.
+    pub fn end(&self, m: &RoleRequestMetrics, arrived: Instant) {
+        let now = Instant::now();
+        m.e2e.observe((now - arrived).as_secs_f64());
+        if let Some(first) = self.first {
+            m.decode.observe((now - first).as_secs_f64());
+        }
+    }
+}
+
 impl RequestMetrics {
     /// The families for `role`, every label value of the closed sets created (so they export
     /// zeros and `rate()` works from the first scrape).
-    pub fn role(&self, role: Role) -> RoleRequestMetrics {
+    fn role(&self, role: Role) -> RoleRequestMetrics {
         let r = role.label();
         RoleRequestMetrics {
             running: self.running.with_label_values(&[r]),
