@@ -9,6 +9,8 @@ mod gemv;
 mod weight;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+#[cfg(target_arch = "x86_64")]
+mod x86_gemm;
 
 pub use bytes::Bytes;
 pub use exp::exp_in_place;

@@ -174,3 +174,25 @@ fn matmul_many_equals_separate_products() {
         }
     }
 }
+
+/// The tiled GEMM (≤ 256 tokens) and the panel SGEMM (more tokens) on two threads, through every
+/// split: tokens across threads (many tokens), weight rows across threads (few tokens, many rows),
+/// narrow outputs, edge tiles (rows not a multiple of 6, tokens not a multiple of 16), and inputs
+/// wider than the L2 pass of the packed activations.
+#[test]
+fn gemm_paths_match_reference_on_two_threads() {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    for &(format, rows, cols, m) in &[
+        (WeightFormat::Bf16, 130, 256, 70),
+        (WeightFormat::Fp8, 601, 256, 20),
+        (WeightFormat::F32, 24, 1024, 250),
+        (WeightFormat::Fp4, 37, 2080, 33),
+        (WeightFormat::Bf16, 40, 256, 300),
+    ] {
+        let w = random_matrix(format, rows, cols, rows as u64 + m as u64);
+        let mut r = Lcg(m as u64 * 7 + 1);
+        let x: Vec<f32> = (0..m * cols).map(|_| r.f()).collect();
+        let got = pool.install(|| matmul(&x, m, &w));
+        assert_close(&got, &reference(&x, m, &w), &x, m, &w, &format!("{format:?} {rows}x{cols} m={m}"));
+    }
+}
