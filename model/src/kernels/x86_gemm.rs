@@ -20,14 +20,22 @@ pub const TILE_TOKENS: usize = 16;
 /// (a fresh multi-hundred-KiB buffer per call costs page faults).
 pub fn pack_tokens(x: &[f32], m: usize, k: usize, parallel: bool, out: &mut Vec<f32>) {
     let blocks = m.div_ceil(TILE_TOKENS);
-    out.clear();
+    // Every slot is written below (padding included), so the buffer is not cleared first.
     out.resize(blocks * k * TILE_TOKENS, 0.0);
     let fill = |(b, block): (usize, &mut [f32])| {
         let first = b * TILE_TOKENS;
+        let valid = TILE_TOKENS.min(m - first);
+        if valid < TILE_TOKENS {
+            // Padding lanes never reach a stored result; zeros keep them cheap (no stale
+            // subnormals or NaNs from an earlier call).
+            for slot in block.chunks_exact_mut(TILE_TOKENS) {
+                slot[valid..].fill(0.0);
+            }
+        }
         // 64 inputs at a time, so the 4 KiB being scattered into stays in L1.
         for k0 in (0..k).step_by(64) {
             let k1 = (k0 + 64).min(k);
-            for t in 0..TILE_TOKENS.min(m - first) {
+            for t in 0..valid {
                 let row = &x[(first + t) * k + k0..(first + t) * k + k1];
                 for (kk, v) in row.iter().enumerate() {
                     block[(k0 + kk) * TILE_TOKENS + t] = *v;
