@@ -118,7 +118,8 @@ fn gemm_tiled(x: &[f32], m: usize, k: usize, segments: &[Segment<'_>], starts: &
     // Taken out of the thread-local for the call (a task run while this thread waits may be
     // another GEMM, which then simply allocates its own).
     let mut xt = PACKED_TOKENS.with(|b| std::mem::take(&mut *b.borrow_mut()));
-    pack_tokens(x, m, k, threads > 1, &mut xt);
+    // SAFETY: the caller checked the SIMD features.
+    unsafe { pack_tokens(x, m, k, threads > 1, &mut xt) };
     let row_blocks = n.div_ceil(TILE_ROWS);
     let token_blocks = m.div_ceil(TILE_TOKENS);
     let split = |total: usize, parts: usize| -> Vec<Range<usize>> {

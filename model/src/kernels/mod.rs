@@ -123,12 +123,12 @@ pub fn matmul_rows(x: &[f32], m: usize, w: &WeightMatrix, rows: Range<usize>) ->
     assert_eq!(x.len(), m * w.cols, "matmul input is not [{m}, {}]", w.cols);
     assert!(rows.end <= w.rows);
     let n = rows.len();
-    let mut out = vec![0.0f32; m * n];
     if m == 0 || n == 0 {
-        return out;
+        return vec![0.0f32; m * n];
     }
     let threads = threads_here();
     if m <= gemv::MAX_ROWS {
+        let mut out = vec![0.0f32; m * n];
         let parallel = threads > 1 && n * w.cols >= PARALLEL_MIN_WEIGHTS;
         let mut out_t = if m == 1 { Vec::new() } else { vec![0.0f32; m * n] };
         let target: &mut [f32] = if m == 1 { &mut out } else { &mut out_t };
@@ -228,15 +228,27 @@ fn stacked_gemms(jobs: &[MatmulJob<'_>]) -> Vec<Vec<f32>> {
         let n: usize = segments.iter().map(|s| s.rows.len()).sum();
         let parallel = threads_here() > 1 && m * n * jobs[i].w.cols >= PARALLEL_MIN_MACS;
         let stacked = gemm::gemm(x, m, &segments, parallel);
-        let mut col = 0;
-        for &j in &group {
-            let nj = jobs[j].w.rows;
-            let mut part = Vec::with_capacity(m * nj);
+        // Each job's columns copied out, the jobs in parallel (a serial copy would leave the
+        // other threads idle).
+        let cols: Vec<(usize, Range<usize>)> = group
+            .iter()
+            .scan(0, |col, &j| {
+                let nj = jobs[j].w.rows;
+                *col += nj;
+                Some((j, *col - nj..*col))
+            })
+            .collect();
+        let split = |(_, c): &(usize, Range<usize>)| -> Vec<f32> {
+            let mut part = Vec::with_capacity(m * c.len());
             for r in 0..m {
-                part.extend_from_slice(&stacked[r * n + col..r * n + col + nj]);
+                part.extend_from_slice(&stacked[r * n + c.start..r * n + c.end]);
             }
-            results[j] = Some(part);
-            col += nj;
+            part
+        };
+        let parts: Vec<Vec<f32>> =
+            if parallel { cols.par_iter().map(split).collect() } else { cols.iter().map(split).collect() };
+        for ((j, _), part) in cols.iter().zip(parts) {
+            results[*j] = Some(part);
         }
     }
     results.into_iter().map(|r| r.expect("every job computed")).collect()

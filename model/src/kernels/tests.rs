@@ -188,6 +188,8 @@ fn gemm_paths_match_reference_on_two_threads() {
         (WeightFormat::F32, 24, 1024, 250),
         (WeightFormat::Fp4, 37, 2080, 33),
         (WeightFormat::Bf16, 40, 256, 300),
+        // An input width that is not a multiple of 8 (the token packing's 8 × 8 squares).
+        (WeightFormat::F32, 50, 100, 21),
     ] {
         let w = random_matrix(format, rows, cols, rows as u64 + m as u64);
         let mut r = Lcg(m as u64 * 7 + 1);

@@ -18,7 +18,12 @@ pub const TILE_TOKENS: usize = 16;
 /// Writes `x` (`[m, k]`) into `out` as blocks of 16 tokens, each `[k][16]` (the last block
 /// zero-padded); the blocks are filled in parallel when `parallel`. `out` is reused across calls
 /// (a fresh multi-hundred-KiB buffer per call costs page faults).
-pub fn pack_tokens(x: &[f32], m: usize, k: usize, parallel: bool, out: &mut Vec<f32>) {
+///
+/// # Safety
+/// AVX2 must be available.
+#[target_feature(enable = "avx2")]
+pub unsafe fn pack_tokens(x: &[f32], m: usize, k: usize, parallel: bool, out: &mut Vec<f32>) {
+    assert_eq!(x.len(), m * k, "pack_tokens: x is not [{m}, {k}]");
     let blocks = m.div_ceil(TILE_TOKENS);
     // Every slot is written below (padding included), so the buffer is not cleared first.
     out.resize(blocks * k * TILE_TOKENS, 0.0);
@@ -32,14 +37,29 @@ pub fn pack_tokens(x: &[f32], m: usize, k: usize, parallel: bool, out: &mut Vec<
                 slot[valid..].fill(0.0);
             }
         }
-        // 64 inputs at a time, so the 4 KiB being scattered into stays in L1.
-        for k0 in (0..k).step_by(64) {
-            let k1 = (k0 + 64).min(k);
-            for t in 0..valid {
-                let row = &x[(first + t) * k + k0..(first + t) * k + k1];
-                for (kk, v) in row.iter().enumerate() {
-                    block[(k0 + kk) * TILE_TOKENS + t] = *v;
-                }
+        // Whole 8 × 8 squares through registers; the ragged rest (last inputs, last tokens) one
+        // value at a time.
+        let k8 = k / 8 * 8;
+        for half in 0..valid / 8 {
+            let t0 = first + half * 8;
+            for k0 in (0..k8).step_by(8) {
+                // SAFETY: rows t0..t0 + 8 of x hold inputs k0..k0 + 8 (t0 + 8 <= m, k0 + 8 <= k);
+                // the block holds rows k0..k0 + 8 of 16 floats.
+                unsafe {
+                    transpose_8x8(
+                        x.as_ptr().add(t0 * k + k0),
+                        k,
+                        block.as_mut_ptr().add(k0 * TILE_TOKENS + half * 8),
+                        TILE_TOKENS,
+                    )
+                };
+            }
+        }
+        for t in 0..valid {
+            let row = &x[(first + t) * k..(first + t + 1) * k];
+            let from = if t < valid / 8 * 8 { k8 } else { 0 };
+            for (kk, v) in row.iter().enumerate().skip(from) {
+                block[kk * TILE_TOKENS + t] = *v;
             }
         }
     };
@@ -47,6 +67,49 @@ pub fn pack_tokens(x: &[f32], m: usize, k: usize, parallel: bool, out: &mut Vec<
         out.par_chunks_exact_mut(k * TILE_TOKENS).enumerate().for_each(fill);
     } else {
         out.chunks_exact_mut(k * TILE_TOKENS).enumerate().for_each(fill);
+    }
+}
+
+/// `dst[i * dst_stride + j] = src[j * src_stride + i]` for an 8 × 8 square.
+///
+/// # Safety
+/// AVX must be available; `src` must hold 8 rows of 8 floats `src_stride` apart and `dst` 8 rows
+/// of 8 floats `dst_stride` apart.
+#[target_feature(enable = "avx")]
+unsafe fn transpose_8x8(src: *const f32, src_stride: usize, dst: *mut f32, dst_stride: usize) {
+    // SAFETY: the reads and writes stay inside the squares the caller vouched for.
+    unsafe {
+        let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(src.add(i * src_stride)));
+        // Interleave pairs of rows, then pairs of pairs, then swap 128-bit halves.
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        let rows = [
+            _mm256_permute2f128_ps::<0x20>(u0, u4),
+            _mm256_permute2f128_ps::<0x20>(u1, u5),
+            _mm256_permute2f128_ps::<0x20>(u2, u6),
+            _mm256_permute2f128_ps::<0x20>(u3, u7),
+            _mm256_permute2f128_ps::<0x31>(u0, u4),
+            _mm256_permute2f128_ps::<0x31>(u1, u5),
+            _mm256_permute2f128_ps::<0x31>(u2, u6),
+            _mm256_permute2f128_ps::<0x31>(u3, u7),
+        ];
+        for (i, row) in rows.iter().enumerate() {
+            _mm256_storeu_ps(dst.add(i * dst_stride), *row);
+        }
     }
 }
 

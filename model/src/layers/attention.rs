@@ -334,18 +334,23 @@ impl Attention {
         let (g_n, r) = (self.groups, self.o_rank);
         let gw = o.len() / tokens / g_n;
         // Each group's input is its heads' outputs, and its weight a row block of wo_a.
-        let inputs: Vec<Vec<f32>> = (0..g_n)
-            .map(|g| (0..tokens).flat_map(|t| o[t * g_n * gw + g * gw..][..gw].iter().copied()).collect())
-            .collect();
+        // Gathered one group per task: a prefill moves megabytes here.
+        let inputs: Vec<Vec<f32>> = map_rows(g_n, tokens * gw, |g| {
+            let mut x = Vec::with_capacity(tokens * gw);
+            for t in 0..tokens {
+                x.extend_from_slice(&o[t * g_n * gw + g * gw..][..gw]);
+            }
+            x
+        });
         let jobs: Vec<kernels::MatmulJob<'_>> =
             inputs.iter().zip(&self.wo_a).map(|(x, w)| kernels::MatmulJob { x, m: tokens, w }).collect();
         let ug = kernels::matmul_many(&jobs);
         let mut u = vec![0.0f32; tokens * g_n * r];
-        for (g, part) in ug.iter().enumerate() {
-            for t in 0..tokens {
-                u[t * g_n * r + g * r..][..r].copy_from_slice(&part[t * r..(t + 1) * r]);
+        for_each_row(&mut u, g_n * r, |t, row| {
+            for (dst, part) in row.chunks_exact_mut(r).zip(&ug) {
+                dst.copy_from_slice(&part[t * r..(t + 1) * r]);
             }
-        }
+        });
         self.wo_b.forward(&u, tokens)
     }
 }

@@ -8,6 +8,9 @@ use crate::kernels::exp_in_place;
 use crate::layers::linear::Linear;
 use crate::layers::rows::for_each_row;
 
+/// Activations whose exponentials are taken in one pass.
+const EXP_CHUNK: usize = 64;
+
 #[derive(Clone, Debug)]
 pub struct Ffn {
     w1: Linear,
@@ -42,16 +45,22 @@ impl Ffn {
         for_each_row(&mut gate, inter, |r, g_row| {
             let scale = row_weights.map_or(1.0, |w| w[r]);
             let u_row = &up[r * inter..(r + 1) * inter];
-            // silu(g) = g / (1 + e^-g): the exponentials in one vectorised pass.
-            let mut e: Vec<f32> =
-                g_row.iter().map(|g| -if self.limit > 0.0 { g.min(self.limit) } else { *g }).collect();
-            exp_in_place(&mut e);
-            for ((g, &u), e) in g_row.iter_mut().zip(u_row).zip(&e) {
-                let (g_in, u_in) =
-                    if self.limit > 0.0 { (g.min(self.limit), u.clamp(-self.limit, self.limit)) } else { (*g, u) };
-                *g = g_in / (1.0 + e) * u_in;
-                if row_weights.is_some() {
-                    *g *= scale;
+            // silu(g) = g / (1 + e^-g): the exponentials in vectorised passes over a stack buffer
+            // (no allocation per row).
+            for (g_part, u_part) in g_row.chunks_mut(EXP_CHUNK).zip(u_row.chunks(EXP_CHUNK)) {
+                let mut e = [0.0f32; EXP_CHUNK];
+                let e = &mut e[..g_part.len()];
+                for (e, g) in e.iter_mut().zip(g_part.iter()) {
+                    *e = -if self.limit > 0.0 { g.min(self.limit) } else { *g };
+                }
+                exp_in_place(e);
+                for ((g, &u), e) in g_part.iter_mut().zip(u_part).zip(e.iter()) {
+                    let (g_in, u_in) =
+                        if self.limit > 0.0 { (g.min(self.limit), u.clamp(-self.limit, self.limit)) } else { (*g, u) };
+                    *g = g_in / (1.0 + e) * u_in;
+                    if row_weights.is_some() {
+                        *g *= scale;
+                    }
                 }
             }
         });

@@ -64,7 +64,8 @@ impl HcSite {
     fn mixes(&self, streams: &[f32], tokens: usize) -> Vec<f32> {
         let width = self.n * self.dim;
         let mut mu = kernels::matmul(streams, tokens, &self.phi);
-        for_each_row(&mut mu, self.phi.rows, |t, m| {
+        // Each row's cost is the norm over its token's n·d stream values, not its few mixes.
+        for_each_row_costing(&mut mu, self.phi.rows, width, |t, m| {
             let x = &streams[t * width..(t + 1) * width];
             let mean = x.iter().map(|v| v * v).sum::<f32>() / width as f32;
             let r = 1.0 / (mean + self.norm_eps).sqrt();

@@ -7,7 +7,7 @@ use crate::checkpoint::layout::block_prefix;
 use crate::config::{ModelConfig, ScoreFunc};
 use crate::error::ModelError;
 use crate::kernels::{self, WeightMatrix};
-use crate::layers::rows::{for_each_row, map_rows};
+use crate::layers::rows::{for_each_row_costing, map_rows};
 use crate::layers::topk::torch_topk;
 
 #[derive(Clone, Debug)]
@@ -67,7 +67,8 @@ impl Router {
         let tokens = ids.len();
         let e = self.gate.rows;
         let mut scores = kernels::matmul(x, tokens, &self.gate);
-        for_each_row(&mut scores, e, |_, row| match self.score_func {
+        // A transcendental or two per score: costed at ~16 operations each.
+        for_each_row_costing(&mut scores, e, e * 16, |_, row| match self.score_func {
             ScoreFunc::Sqrtsoftplus => row.iter_mut().for_each(|z| *z = softplus(*z).sqrt()),
             ScoreFunc::Sigmoid => row.iter_mut().for_each(|z| *z = 1.0 / (1.0 + (-*z).exp())),
             ScoreFunc::Softmax => {

@@ -50,6 +50,9 @@ enum Command {
 }
 
 fn main() {
+    if let Err(e) = expertmesh_runtime::allocator::tune() {
+        eprintln!("warning: allocator settings not applied: {e}");
+    }
     let cli = Cli::parse();
     expertmesh_runtime::logging::init(cli.log_format);
     if let Some(endpoint) = &cli.otlp_endpoint {

@@ -2,6 +2,7 @@
 //! wire format of activations, the one error type and its `tonic::Status` mapping, gRPC serving
 //! (listeners with `TCP_NODELAY`, health) and graceful shutdown.
 
+pub mod allocator;
 pub mod error;
 pub mod logging;
 pub mod metrics;
