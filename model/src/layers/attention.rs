@@ -78,6 +78,8 @@ impl AttentionState {
 /// Consecutive queries of a sequence attended together (see `sparse_attn`): 16 tokens share all
 /// but 15 of their window keys, so the block's union costs little more than one query's set.
 const QUERY_BLOCK: usize = 16;
+/// Chunks at least this long run their indexer and compressor state machines on two threads.
+const PARALLEL_ABSORB_TOKENS: usize = 16;
 
 /// Where a sequence's tokens sit in the call: positions `t0..t0+len`, rows `row0..row0+len`.
 #[derive(Clone, Copy, Debug)]
@@ -209,22 +211,27 @@ impl Attention {
             let rows = c.row0..c.row0 + c.len;
             let st = &mut **state;
             // The indexer's and the main compressor's state machines are independent.
-            rayon::join(
-                || {
-                    if let (Some(ix), Some((_, _, p))) = (&self.indexer, &index_inputs) {
-                        let cs = st.index_compressor.as_mut().expect("CSA state has an indexer compressor");
-                        let keys = ix.compressor.absorb(cs, p, rows.clone(), c.t0, &self.rope, sim.indexer_fp4);
-                        st.index_keys.extend(keys);
-                    }
-                },
-                || {
-                    if let (Some(comp), Some(p)) = (&self.compressor, &projected) {
-                        let cs = st.compressor.as_mut().expect("compressed layer has compressor state");
-                        let entries = comp.absorb(cs, p, rows.clone(), c.t0, &self.rope, sim.kv_fp8);
-                        st.compressed.extend(entries);
-                    }
-                },
-            );
+            let mut index = || {
+                if let (Some(ix), Some((_, _, p))) = (&self.indexer, &index_inputs) {
+                    let cs = st.index_compressor.as_mut().expect("CSA state has an indexer compressor");
+                    let keys = ix.compressor.absorb(cs, p, rows.clone(), c.t0, &self.rope, sim.indexer_fp4);
+                    st.index_keys.extend(keys);
+                }
+            };
+            let mut main = || {
+                if let (Some(comp), Some(p)) = (&self.compressor, &projected) {
+                    let cs = st.compressor.as_mut().expect("compressed layer has compressor state");
+                    let entries = comp.absorb(cs, p, rows.clone(), c.t0, &self.rope, sim.kv_fp8);
+                    st.compressed.extend(entries);
+                }
+            };
+            // A decode step's few tokens take microseconds here, less than waking another thread.
+            if c.len >= PARALLEL_ABSORB_TOKENS {
+                rayon::join(index, main);
+            } else {
+                index();
+                main();
+            }
         });
 
         // Attention in blocks of consecutive queries, blocks in parallel (states are read-only).
