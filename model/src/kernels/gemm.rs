@@ -1,7 +1,8 @@
 //! Matrix × many vectors (prefill, large decode batches): compute-bound. Two paths:
 //!
 //! * up to `TILED_MAX_TOKENS` tokens with the SIMD kernels: the tiled GEMM of `x86_gemm` (weights
-//!   decoded once into rows, activations packed once into 16-token blocks);
+//!   decoded once into rows, activations packed once into 16-token blocks); for narrow outputs
+//!   the same kernel with the roles swapped (`gemm_narrow`: the weights packed, tokens in place);
 //! * otherwise (and for the portable kernels): each task decodes a panel of weight rows to f32
 //!   once (cost ∝ weights, amortised over the batch) and hands it to `matrixmultiply`'s packed
 //!   SGEMM, whose cache blocking of the activations wins for thousands of tokens.
@@ -111,7 +112,7 @@ fn decode_virtual_row(segments: &[Segment<'_>], starts: &[usize], v: usize, out:
 /// which keeps their output columns a whole number of cache lines apart.
 #[cfg(target_arch = "x86_64")]
 fn gemm_tiled(x: &[f32], m: usize, k: usize, segments: &[Segment<'_>], starts: &[usize], threads: usize) -> Vec<f32> {
-    use super::x86_gemm::{TILE_ROWS, TILE_TOKENS, pack_tokens, tile};
+    use super::x86_gemm::{TILE_ROWS, TILE_TOKENS, TileStore, pack_tokens, tile};
     /// Row blocks decoded at once (48 rows: a multiple of 16 floats).
     const CHUNK_BLOCKS: usize = 8;
     let n = *starts.last().unwrap();
@@ -165,7 +166,8 @@ fn gemm_tiled(x: &[f32], m: usize, k: usize, segments: &[Segment<'_>], starts: &
                             // outputs of (block t, block b), and `out` outlives the tasks.
                             unsafe {
                                 let dst = ptr.at(t * TILE_TOKENS * n + b * TILE_ROWS);
-                                tile(k, w, stride, xt[t * k * TILE_TOKENS..].as_ptr(), dst, n, (rows, tokens))
+                                let xt = xt[t * k * TILE_TOKENS..].as_ptr();
+                                tile(k, w, stride, xt, dst, n, (rows, tokens), TileStore::Transposed)
                             };
                         }
                     }
@@ -181,6 +183,68 @@ fn gemm_tiled(x: &[f32], m: usize, k: usize, segments: &[Segment<'_>], starts: &
     PACKED_TOKENS.with(|b| *b.borrow_mut() = xt);
     // SAFETY: the tasks cover every (row block, token block) pair once, and each tile wrote all
     // of its valid rows and tokens.
+    unsafe { out.set_len(m * n) };
+    out
+}
+
+/// Outputs at most this wide, for at least `NARROW_MIN_TOKENS` tokens, take `gemm_narrow`.
+const NARROW_OUTPUTS: usize = 64;
+const NARROW_MIN_TOKENS: usize = 32;
+
+/// The SIMD GEMM for few outputs and many tokens (the mHC mixes: 24 outputs of 1024 inputs; the
+/// grouped output projection: 64): the roles of `gemm_tiled` swapped. The weights are decoded and
+/// packed into 16-output blocks once (n·k values, against m·k for packing the tokens), and each
+/// tile broadcasts 6 tokens read in place from `x`, storing 16 contiguous outputs per token.
+/// Threads take ranges of tokens, so each owns whole output rows.
+#[cfg(target_arch = "x86_64")]
+fn gemm_narrow(x: &[f32], m: usize, k: usize, segments: &[Segment<'_>], starts: &[usize], threads: usize) -> Vec<f32> {
+    use super::x86_gemm::{TILE_ROWS, TILE_TOKENS, TileStore, pack_tokens, tile};
+    let n = *starts.last().unwrap();
+    let mut decoded = vec![0.0f32; n * k];
+    for (v, row) in decoded.chunks_exact_mut(k).enumerate() {
+        decode_virtual_row(segments, starts, v, row);
+    }
+    let mut packed = Vec::new();
+    // SAFETY: the caller checked the SIMD features.
+    unsafe { pack_tokens(&decoded, n, k, false, &mut packed) };
+    let groups = m.div_ceil(TILE_ROWS);
+    let mut out: Vec<f32> = Vec::with_capacity(m * n);
+    let ptr = OutPtr(out.spare_capacity_mut().as_mut_ptr().cast::<f32>());
+    let run = |range: &Range<usize>| {
+        // The last group may hold fewer than 6 tokens; the kernel reads 6 rows, so that group
+        // reads from a zero-padded copy.
+        let mut padded = Vec::new();
+        for g in range.clone() {
+            let t0 = g * TILE_ROWS;
+            let rows = (m - t0).min(TILE_ROWS);
+            let src = if rows == TILE_ROWS {
+                x[t0 * k..].as_ptr()
+            } else {
+                padded.resize(TILE_ROWS * k, 0.0);
+                padded[..rows * k].copy_from_slice(&x[t0 * k..]);
+                padded.as_ptr()
+            };
+            for b in 0..n.div_ceil(TILE_TOKENS) {
+                let lanes = (n - b * TILE_TOKENS).min(TILE_TOKENS);
+                // SAFETY: features checked by the caller; `src` holds 6 rows of k floats, block b
+                // of `packed` k × 16 floats; only this task writes output rows t0..t0 + rows, and
+                // `out` outlives the tasks.
+                unsafe {
+                    let w = packed[b * k * TILE_TOKENS..].as_ptr();
+                    tile(k, src, k, w, ptr.at(t0 * n + b * TILE_TOKENS), n, (rows, lanes), TileStore::Direct)
+                };
+            }
+        }
+    };
+    let per = groups.div_ceil(threads.max(1)).max(1);
+    let ranges: Vec<Range<usize>> = (0..groups).step_by(per).map(|s| s..(s + per).min(groups)).collect();
+    if threads > 1 && ranges.len() > 1 {
+        ranges.par_iter().for_each(run);
+    } else {
+        ranges.iter().for_each(run);
+    }
+    // SAFETY: the ranges cover every token group once, and each tile stored all valid outputs
+    // of its tokens.
     unsafe { out.set_len(m * n) };
     out
 }
@@ -206,8 +270,14 @@ pub fn gemm(x: &[f32], m: usize, segments: &[Segment<'_>], parallel: bool) -> Ve
     }
     let threads = if parallel { rayon::current_num_threads() } else { 1 };
     #[cfg(target_arch = "x86_64")]
-    if super::simd_available() && m <= TILED_MAX_TOKENS {
-        return gemm_tiled(x, m, k, segments, &starts, threads);
+    if super::simd_available() {
+        let n = *starts.last().unwrap();
+        if n <= NARROW_OUTPUTS && m >= NARROW_MIN_TOKENS {
+            return gemm_narrow(x, m, k, segments, &starts, threads);
+        }
+        if m <= TILED_MAX_TOKENS {
+            return gemm_tiled(x, m, k, segments, &starts, threads);
+        }
     }
     gemm_packed(x, m, k, segments, &starts, threads)
 }

@@ -190,6 +190,11 @@ fn gemm_paths_match_reference_on_two_threads() {
         (WeightFormat::Bf16, 40, 256, 300),
         // An input width that is not a multiple of 8 (the token packing's 8 × 8 squares).
         (WeightFormat::F32, 50, 100, 21),
+        // Narrow outputs (weights packed, tokens in place): one exact 16-wide block, and a ragged
+        // one with a last group of fewer than 6 tokens.
+        (WeightFormat::Fp4, 16, 256, 48),
+        (WeightFormat::Bf16, 64, 256, 100),
+        (WeightFormat::Fp8, 40, 256, 37),
     ] {
         let w = random_matrix(format, rows, cols, rows as u64 + m as u64);
         let mut r = Lcg(m as u64 * 7 + 1);

@@ -113,14 +113,26 @@ unsafe fn transpose_8x8(src: *const f32, src_stride: usize, dst: *mut f32, dst_s
     }
 }
 
-/// `out[t * ldc + j] = Σ_kk w[j * w_stride + kk] · xt[kk * 16 + t]` for `j < rows`, `t < tokens`
-/// (the valid part of the tile: edge tiles compute all 6 × 16 and store only that).
+/// Where a tile's results go: its 6 broadcast rows × 16 vector lanes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TileStore {
+    /// `out[lane * ldc + row]`: the rows are weight rows (outputs), the lanes tokens.
+    Transposed,
+    /// `out[row * ldc + lane]`: the rows are tokens, the lanes outputs (the narrow-output GEMM,
+    /// whose weights are the packed side).
+    Direct,
+}
+
+/// `Σ_kk w[j * w_stride + kk] · xt[kk * 16 + l]` for the 6 broadcast rows `j` and 16 lanes `l`,
+/// stored (as `store` says) for `j < rows`, `l < lanes`: edge tiles compute all 6 × 16 and
+/// store only the valid part.
 ///
 /// # Safety
 /// AVX2/FMA must be available; `w` must hold 6 rows of `k` floats `w_stride` apart (rows past
 /// `rows` may hold anything), `xt` one packed block of `k × 16` floats, and `out` the written
 /// elements.
 #[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)] // a micro-kernel: raw operands, no struct in the hot path
 pub unsafe fn tile(
     k: usize,
     w: *const f32,
@@ -128,7 +140,8 @@ pub unsafe fn tile(
     xt: *const f32,
     out: *mut f32,
     ldc: usize,
-    (rows, tokens): (usize, usize),
+    (rows, lanes): (usize, usize),
+    store: TileStore,
 ) {
     let mut acc = [[_mm256_setzero_ps(); 2]; TILE_ROWS];
     for kk in 0..k {
@@ -151,10 +164,20 @@ pub unsafe fn tile(
             _mm256_storeu_ps(s.as_mut_ptr().add(8), a[1]);
         }
     }
-    for t in 0..tokens {
-        for (j, s) in sums.iter().enumerate().take(rows) {
-            // SAFETY: the caller owns out[t * ldc + j] for t < tokens, j < rows.
-            unsafe { *out.add(t * ldc + j) = s[t] };
+    match store {
+        TileStore::Transposed => {
+            for l in 0..lanes {
+                for (j, s) in sums.iter().enumerate().take(rows) {
+                    // SAFETY: the caller owns out[l * ldc + j] for l < lanes, j < rows.
+                    unsafe { *out.add(l * ldc + j) = s[l] };
+                }
+            }
+        }
+        TileStore::Direct => {
+            for (j, s) in sums.iter().enumerate().take(rows) {
+                // SAFETY: the caller owns out[j * ldc + l] for j < rows, l < lanes.
+                unsafe { std::ptr::copy_nonoverlapping(s.as_ptr(), out.add(j * ldc), lanes) };
+            }
         }
     }
 }
