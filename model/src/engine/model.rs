@@ -191,6 +191,14 @@ impl Model {
     /// their own positions. On success every state advances by its chunk; on a backend failure the
     /// states are marked poisoned.
     pub fn forward(&self, steps: &mut [Step<'_>], experts: &dyn ExpertBackend) -> Result<Vec<StepOutput>, ModelError> {
+        kernels::with_awake_pool(|| self.forward_steps(steps, experts))
+    }
+
+    fn forward_steps(
+        &self,
+        steps: &mut [Step<'_>],
+        experts: &dyn ExpertBackend,
+    ) -> Result<Vec<StepOutput>, ModelError> {
         if steps.is_empty() {
             return Ok(Vec::new());
         }

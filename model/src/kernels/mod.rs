@@ -2,6 +2,7 @@
 //! in any stored format, choosing the fused decode-and-dot path for small batches (memory-bound)
 //! and a panel SGEMM for large ones (compute-bound), split across the current rayon pool.
 
+mod awake;
 mod bytes;
 mod exp;
 mod gemm;
@@ -12,6 +13,7 @@ mod x86;
 #[cfg(target_arch = "x86_64")]
 mod x86_gemm;
 
+pub use awake::with_awake_pool;
 pub use bytes::Bytes;
 pub use exp::exp_in_place;
 pub use weight::{FP4_BLOCK, FP8_TILE, WeightFormat, WeightMatrix};
