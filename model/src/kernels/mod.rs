@@ -210,50 +210,64 @@ fn scatter_transposed(out_t: &[f32], m: usize, n: usize, col0: usize, out: &mut 
 
 /// Large batches: jobs that share an input (same slice, same width) run as one stacked GEMM.
 fn stacked_gemms(jobs: &[MatmulJob<'_>]) -> Vec<Vec<f32>> {
-    let mut results: Vec<Option<Vec<f32>>> = vec![None; jobs.len()];
     let same_input = |a: &MatmulJob<'_>, b: &MatmulJob<'_>| {
         std::ptr::eq(a.x.as_ptr(), b.x.as_ptr()) && a.x.len() == b.x.len() && a.m == b.m && a.w.cols == b.w.cols
     };
-    for i in 0..jobs.len() {
-        if results[i].is_some() {
-            continue;
-        }
-        let group: Vec<usize> =
-            (i..jobs.len()).filter(|&j| results[j].is_none() && same_input(&jobs[i], &jobs[j])).collect();
-        let (x, m) = (jobs[i].x, jobs[i].m);
-        if m == 0 {
-            group.iter().for_each(|&j| results[j] = Some(Vec::new()));
-            continue;
-        }
-        let segments: Vec<gemm::Segment<'_>> =
-            group.iter().map(|&j| gemm::Segment { w: jobs[j].w, rows: 0..jobs[j].w.rows }).collect();
-        let n: usize = segments.iter().map(|s| s.rows.len()).sum();
-        let parallel = threads_here() > 1 && m * n * jobs[i].w.cols >= PARALLEL_MIN_MACS;
-        let stacked = gemm::gemm(x, m, &segments, parallel);
-        // Each job's columns copied out, the jobs in parallel (a serial copy would leave the
-        // other threads idle).
-        let cols: Vec<(usize, Range<usize>)> = group
-            .iter()
-            .scan(0, |col, &j| {
-                let nj = jobs[j].w.rows;
-                *col += nj;
-                Some((j, *col - nj..*col))
-            })
-            .collect();
-        let split = |(_, c): &(usize, Range<usize>)| -> Vec<f32> {
-            let mut part = Vec::with_capacity(m * c.len());
-            for r in 0..m {
-                part.extend_from_slice(&stacked[r * n + c.start..r * n + c.end]);
-            }
-            part
-        };
-        let parts: Vec<Vec<f32>> =
-            if parallel { cols.par_iter().map(split).collect() } else { cols.iter().map(split).collect() };
-        for ((j, _), part) in cols.iter().zip(parts) {
-            results[*j] = Some(part);
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for (i, job) in jobs.iter().enumerate() {
+        match groups.iter_mut().find(|g| same_input(&jobs[g[0]], job)) {
+            Some(g) => g.push(i),
+            None => groups.push(vec![i]),
         }
     }
-    results.into_iter().map(|r| r.expect("every job computed")).collect()
+    let threads = threads_here();
+    // Several inputs (the grouped output projection's groups): with a group per thread, each
+    // GEMM runs whole on its thread, in one parallel region rather than one region per group.
+    let per_group: Vec<Vec<(usize, Vec<f32>)>> = if threads > 1 && groups.len() >= threads {
+        groups.par_iter().map(|g| sequential(|| stacked_gemm(jobs, g, 1))).collect()
+    } else {
+        groups.iter().map(|g| stacked_gemm(jobs, g, threads)).collect()
+    };
+    let mut results = vec![Vec::new(); jobs.len()];
+    for (j, out) in per_group.into_iter().flatten() {
+        results[j] = out;
+    }
+    results
+}
+
+/// The jobs of `group` (one shared input) as one GEMM over their stacked weights; returns each
+/// job's index and output.
+fn stacked_gemm(jobs: &[MatmulJob<'_>], group: &[usize], threads: usize) -> Vec<(usize, Vec<f32>)> {
+    let (x, m) = (jobs[group[0]].x, jobs[group[0]].m);
+    if m == 0 {
+        return group.iter().map(|&j| (j, Vec::new())).collect();
+    }
+    let segments: Vec<gemm::Segment<'_>> =
+        group.iter().map(|&j| gemm::Segment { w: jobs[j].w, rows: 0..jobs[j].w.rows }).collect();
+    let n: usize = segments.iter().map(|s| s.rows.len()).sum();
+    let parallel = threads > 1 && m * n * jobs[group[0]].w.cols >= PARALLEL_MIN_MACS;
+    let stacked = gemm::gemm(x, m, &segments, parallel);
+    if let [only] = group {
+        return vec![(*only, stacked)];
+    }
+    // Each job's columns copied out, the jobs in parallel (a serial copy would leave the other
+    // threads idle).
+    let cols: Vec<(usize, Range<usize>)> = group
+        .iter()
+        .scan(0, |col, &j| {
+            let nj = jobs[j].w.rows;
+            *col += nj;
+            Some((j, *col - nj..*col))
+        })
+        .collect();
+    let split = |(j, c): &(usize, Range<usize>)| -> (usize, Vec<f32>) {
+        let mut part = Vec::with_capacity(m * c.len());
+        for r in 0..m {
+            part.extend_from_slice(&stacked[r * n + c.start..r * n + c.end]);
+        }
+        (*j, part)
+    };
+    if parallel { cols.par_iter().map(split).collect() } else { cols.iter().map(split).collect() }
 }
 
 #[cfg(test)]

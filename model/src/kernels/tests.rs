@@ -162,10 +162,11 @@ fn matmul_many_equals_separate_products() {
         let y: Vec<f32> = (0..m * 96).map(|i| (i as f32 * 0.2).cos()).collect();
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         let many = pool.install(|| {
-            matmul_many(&[MatmulJob { x: &x, m, w: &a }, MatmulJob { x: &x, m, w: &b }, MatmulJob { x: &y, m, w: &c }])
+            // Jobs of one input not next to each other: results must come back in job order.
+            matmul_many(&[MatmulJob { x: &x, m, w: &a }, MatmulJob { x: &y, m, w: &c }, MatmulJob { x: &x, m, w: &b }])
         });
         // Stacked GEMMs (m = 20) sum in the same order as separate ones, row by row.
-        for (got, want) in [(&many[0], matmul(&x, m, &a)), (&many[1], matmul(&x, m, &b)), (&many[2], matmul(&y, m, &c))]
+        for (got, want) in [(&many[0], matmul(&x, m, &a)), (&many[1], matmul(&y, m, &c)), (&many[2], matmul(&x, m, &b))]
         {
             assert_eq!(got.len(), want.len());
             for (g, w) in got.iter().zip(&want) {
