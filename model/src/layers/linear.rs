@@ -71,9 +71,25 @@ impl Linear {
     /// Several linears over inputs of `m` rows each, computed together (see
     /// [`kernels::matmul_many`]).
     pub fn forward_many(pairs: &[(&Linear, &[f32])], m: usize) -> Vec<Vec<f32>> {
-        let inputs: Vec<Cow<'_, [f32]>> = pairs.iter().map(|(l, x)| l.input(x)).collect();
-        let jobs: Vec<kernels::MatmulJob<'_>> =
-            pairs.iter().zip(&inputs).map(|((l, _), x)| kernels::MatmulJob { x, m, w: &l.weight }).collect();
+        // Each distinct input is FP8-rounded once: projections of one input then still share one
+        // input slice, which is what lets the kernels stack them into one GEMM.
+        let same = |a: &[f32], b: &[f32]| std::ptr::eq(a, b);
+        let mut rounded: Vec<(&[f32], Cow<'_, [f32]>)> = Vec::new();
+        for (l, x) in pairs {
+            if l.quantize_input && !rounded.iter().any(|(src, _)| same(src, x)) {
+                rounded.push((x, l.input(x)));
+            }
+        }
+        let jobs: Vec<kernels::MatmulJob<'_>> = pairs
+            .iter()
+            .map(|(l, x)| {
+                let x: &[f32] = match rounded.iter().find(|(src, _)| l.quantize_input && same(src, x)) {
+                    Some((_, q)) => q,
+                    None => x,
+                };
+                kernels::MatmulJob { x, m, w: &l.weight }
+            })
+            .collect();
         kernels::matmul_many(&jobs)
     }
 
