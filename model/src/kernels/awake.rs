@@ -22,6 +22,11 @@ const IDLE_LIMIT: Duration = Duration::from_micros(500);
 
 /// Runs `f` on the calling thread while the other workers of the current pool poll for the jobs
 /// it spawns. Off a pool, or on a one-thread pool, this is just `f()`.
+///
+/// Pollers also run jobs queued on the pool from outside, and `f`'s caller gets its result only
+/// once every poller has finished the job in hand: a pool meant for forward passes should not
+/// also carry long unrelated jobs (the engine runs one pass at a time on its pool; expert
+/// workers in the same process get their own pool).
 pub fn with_awake_pool<R>(f: impl FnOnce() -> R) -> R {
     let Some(caller) = rayon::current_thread_index() else {
         return f();
