@@ -54,6 +54,22 @@ const XT_CHUNK_BYTES: usize = 1 << 17;
 /// columns: cutting 24 columns (the mHC mixes) in two leaves each thread a ragged sliver.
 const NARROW: usize = 128;
 
+/// `0..total` cut into at most `parts` contiguous ranges of near-equal length.
+fn even_ranges(total: usize, parts: usize) -> Vec<Range<usize>> {
+    let per = total.div_ceil(parts.max(1)).max(1);
+    (0..total).step_by(per).map(|s| s..(s + per).min(total)).collect()
+}
+
+/// Runs `run` on every task: across the pool when there are threads and tasks to share, else on
+/// the calling thread.
+fn run_tasks<T: Sync>(tasks: &[T], threads: usize, run: impl Fn(&T) + Sync + Send) {
+    if threads > 1 && tasks.len() > 1 {
+        tasks.par_iter().for_each(run);
+    } else {
+        tasks.iter().for_each(run);
+    }
+}
+
 /// Decodes the (narrow) weight once and gives each thread a block of input rows.
 fn gemm_split_rows(
     x: &[f32],
@@ -71,9 +87,7 @@ fn gemm_split_rows(
             super::decode_row(seg.w, r, &mut w[(s0 + j) * k..(s0 + j + 1) * k]);
         }
     }
-    let per = m.div_ceil(threads * 2);
-    let blocks: Vec<Range<usize>> = (0..m).step_by(per).map(|s| s..(s + per).min(m)).collect();
-    blocks.par_iter().for_each(|b| {
+    run_tasks(&even_ranges(m, threads * 2), threads, |b| {
         // SAFETY: C = out[b, :] (disjoint row blocks of the output); A = x[b, :]; B = wᵀ.
         unsafe {
             matrixmultiply::sgemm(
@@ -123,12 +137,8 @@ fn gemm_tiled(x: &[f32], m: usize, k: usize, segments: &[Segment<'_>], starts: &
     unsafe { pack_tokens(x, m, k, threads > 1, &mut xt) };
     let row_blocks = n.div_ceil(TILE_ROWS);
     let token_blocks = m.div_ceil(TILE_TOKENS);
-    let split = |total: usize, parts: usize| -> Vec<Range<usize>> {
-        let per = total.div_ceil(parts.max(1)).max(1);
-        (0..total).step_by(per).map(|s| s..(s + per).min(total)).collect()
-    };
     let tasks: Vec<(Range<usize>, Range<usize>)> = if threads > 1 && token_blocks >= 2 * threads {
-        split(token_blocks, threads).into_iter().map(|t| (0..row_blocks, t)).collect()
+        even_ranges(token_blocks, threads).into_iter().map(|t| (0..row_blocks, t)).collect()
     } else {
         (0..row_blocks)
             .step_by(CHUNK_BLOCKS)
@@ -175,11 +185,7 @@ fn gemm_tiled(x: &[f32], m: usize, k: usize, segments: &[Segment<'_>], starts: &
             }
         })
     };
-    if threads > 1 && tasks.len() > 1 {
-        tasks.par_iter().for_each(run);
-    } else {
-        tasks.iter().for_each(run);
-    }
+    run_tasks(&tasks, threads, run);
     PACKED_TOKENS.with(|b| *b.borrow_mut() = xt);
     // SAFETY: the tasks cover every (row block, token block) pair once, and each tile wrote all
     // of its valid rows and tokens.
@@ -236,13 +242,7 @@ fn gemm_narrow(x: &[f32], m: usize, k: usize, segments: &[Segment<'_>], starts: 
             }
         }
     };
-    let per = groups.div_ceil(threads.max(1)).max(1);
-    let ranges: Vec<Range<usize>> = (0..groups).step_by(per).map(|s| s..(s + per).min(groups)).collect();
-    if threads > 1 && ranges.len() > 1 {
-        ranges.par_iter().for_each(run);
-    } else {
-        ranges.iter().for_each(run);
-    }
+    run_tasks(&even_ranges(groups, threads), threads, run);
     // SAFETY: the ranges cover every token group once, and each tile stored all valid outputs
     // of its tokens.
     unsafe { out.set_len(m * n) };
@@ -335,11 +335,7 @@ fn gemm_packed(x: &[f32], m: usize, k: usize, segments: &[Segment<'_>], starts: 
             }
         })
     };
-    if threads > 1 && panels.len() > 1 {
-        panels.par_iter().for_each(run);
-    } else {
-        panels.iter().for_each(run);
-    }
+    run_tasks(&panels, threads, run);
     // SAFETY: every one of the m·n elements was written by exactly one panel above.
     unsafe { out.set_len(m * n) };
     out
