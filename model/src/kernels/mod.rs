@@ -11,6 +11,8 @@ mod weight;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 #[cfg(target_arch = "x86_64")]
+mod x86_decode;
+#[cfg(target_arch = "x86_64")]
 mod x86_gemm;
 
 pub use awake::with_awake_pool;

@@ -133,6 +133,51 @@ fn simd_decode_is_exact() {
     }
 }
 
+/// Every code at every position of a 64-wide row, through the dot kernels with one and with
+/// three activation rows. Each weight row holds one nonzero code, so every product is exact: a
+/// value decoded wrong, or paired with another position's input (the FP4 dot decoder works out
+/// of order), shows up as an exact mismatch that a tolerance over whole sums would hide.
+#[test]
+fn dot_products_pair_every_code_with_its_own_input() {
+    const COLS: usize = 64;
+    for format in [WeightFormat::Fp8, WeightFormat::Fp4] {
+        // FP8: every byte but the two NaN codes; FP4: every nibble.
+        let codes: Vec<u8> = match format {
+            WeightFormat::Fp8 => (0..=255u8).filter(|c| c & 0x7f != 0x7f).collect(),
+            _ => (0..16u8).collect(),
+        };
+        let rows = codes.len() * COLS;
+        let code_at = |r: usize, k: usize| if k == r % COLS { codes[r / COLS] } else { 0 };
+        let w = match format {
+            WeightFormat::Fp8 => {
+                let bytes = (0..rows * COLS).map(|i| code_at(i / COLS, i % COLS)).collect();
+                WeightMatrix::from_fp8(rows, COLS, Bytes::from_vec(bytes), vec![1.0; rows.div_ceil(128)]).unwrap()
+            }
+            _ => {
+                let bytes = (0..rows * COLS / 2)
+                    .map(|i| code_at(2 * i / COLS, 2 * i % COLS) | code_at(2 * i / COLS, 2 * i % COLS + 1) << 4)
+                    .collect();
+                WeightMatrix::from_fp4(rows, COLS, Bytes::from_vec(bytes), Bytes::from_vec(vec![127; rows * 2]))
+                    .unwrap()
+            }
+        };
+        for m in [1, 3] {
+            // Distinct inputs per position and row, exact in f32, and so is each product.
+            let x: Vec<f32> = (0..m * COLS).map(|i| 1.0 + i as f32 / 64.0).collect();
+            let got = matmul(&x, m, &w);
+            let mut row = vec![0.0; COLS];
+            for r in 0..rows {
+                w.decode_row_scalar(r, &mut row);
+                let k = r % COLS;
+                for i in 0..m {
+                    let want = row[k] * x[i * COLS + k];
+                    assert_eq!(got[i * rows + r], want, "{format:?} code {:#x} at input {k}, m={m}", codes[r / COLS]);
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn fp4_nibble_order_is_low_first() {
     // Byte 0x71: low nibble 1 (0.5) is input 0, high nibble 7 (6.0) is input 1.

@@ -6,81 +6,24 @@
 //!   value is the e4m3 value times 2^-8 (e4m3 bias 7 vs f16 bias 15; e4m3 subnormals land on f16
 //!   subnormals), which `vcvtph2ps` widens exactly. The 2^8 goes into the block scale.
 //! * FP4 e2m1: every e2m1 value is an f16 whose low byte is zero, so a 16-entry `pshufb` table of
-//!   high bytes decodes a nibble straight to f16.
+//!   high bytes decodes a nibble straight to f16. Dot products instead build each value's bf16
+//!   bytes with two lookups, out of order (see `x86_decode`).
 //!
 //! Callers check `is_x86_feature_detected!` once (see `kernels::simd_available`).
 //!
 //! Measured on AMD Zen 1 (2.5 GHz): bf16 streams at the memory bandwidth; FP8 and FP4 are
 //! bound by `vcvtph2ps ymm` (≈ 2.5 cycles per 8 values there), so about 16 cycles per 32 inputs
-//! for either format. Tried and slower on that core: byte→f32 bit tricks (subnormal f32 inputs
-//! hit a ~3× microcode penalty), magic-number int→float conversion, `pshufb` tables building
-//! bf16 patterns, and all-128-bit variants. Cores with AVX-512 FP16/BF16 conversions would lift
-//! this bound.
+//! for either format (FP4 dot products: about 14, without it). Tried and slower on that core:
+//! byte→f32 bit tricks (subnormal f32 inputs hit a ~3× microcode penalty), magic-number
+//! int→float conversion, `pshufb` tables building bf16 patterns in input order and, for FP8, out
+//! of order, and all-128-bit variants. Cores with AVX-512 FP16/BF16 conversions would lift this
+//! bound.
 
 use std::arch::x86_64::*;
 
 use super::weight::{FP4_BLOCK, FP8_TILE, WeightData, WeightMatrix};
-
-/// Inputs decoded per step (one FP4 scale block; 128-wide FP8 tiles hold four of them).
-pub const UNIT: usize = 32;
-
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn bf16x8(p: *const u8) -> __m256 {
-    let raw = unsafe { _mm_loadu_si128(p as *const __m128i) };
-    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(raw)))
-}
-
-/// Sixteen e4m3 codes as two vectors of f32, each value times 2^-8: sign-extend to 16 bits,
-/// shift left by 7 and clear bit 14, which yields the f16 with the same bits.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn fp8x16(p: *const u8) -> (__m256, __m256) {
-    let raw = unsafe { _mm_loadu_si128(p as *const __m128i) };
-    let wide = _mm256_cvtepi8_epi16(raw);
-    let half = _mm256_and_si256(_mm256_slli_epi16::<7>(wide), _mm256_set1_epi16(0xBFFFu16 as i16));
-    (_mm256_cvtph_ps(_mm256_castsi256_si128(half)), _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(half)))
-}
-
-/// 32 packed e2m1 codes (16 bytes, even index in the low nibble) as f32.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn fp4x32(p: *const u8) -> [__m256; 4] {
-    let raw = unsafe { _mm_loadu_si128(p as *const __m128i) };
-    let nibble = _mm_set1_epi8(0x0f);
-    let lo = _mm_and_si128(raw, nibble);
-    let hi = _mm_and_si128(_mm_srli_epi16::<4>(raw), nibble);
-    // High byte of the f16 encoding of 0, .5, 1, 1.5, 2, 3, 4, 6 and their negatives.
-    let table = _mm_setr_epi8(
-        0x00,
-        0x38,
-        0x3C,
-        0x3E,
-        0x40,
-        0x42,
-        0x44,
-        0x46, //
-        0x80u8 as i8,
-        0xB8u8 as i8,
-        0xBCu8 as i8,
-        0xBEu8 as i8, //
-        0xC0u8 as i8,
-        0xC2u8 as i8,
-        0xC4u8 as i8,
-        0xC6u8 as i8,
-    );
-    let vlo = _mm_shuffle_epi8(table, lo);
-    let vhi = _mm_shuffle_epi8(table, hi);
-    let first = _mm_unpacklo_epi8(vlo, vhi); // inputs 0..16, in order
-    let second = _mm_unpackhi_epi8(vlo, vhi); // inputs 16..32
-    let zero = _mm_setzero_si128();
-    [
-        _mm256_cvtph_ps(_mm_unpacklo_epi8(zero, first)),
-        _mm256_cvtph_ps(_mm_unpackhi_epi8(zero, first)),
-        _mm256_cvtph_ps(_mm_unpacklo_epi8(zero, second)),
-        _mm256_cvtph_ps(_mm_unpackhi_epi8(zero, second)),
-    ]
-}
+pub use super::x86_decode::UNIT;
+use super::x86_decode::{FP4_ORDER, bf16x8, fp4x32, fp4x32_ordered, fp8x16, permute_blocks};
 
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
@@ -99,9 +42,22 @@ fn hsum(v: __m256) -> f32 {
 trait RowDecoder {
     /// Whether `unit` returns a scale other than 1.
     const SCALED: bool;
+    /// The order of the inputs in each of `unit_for_dot`'s steps (`None`: input order); the dot
+    /// kernels permute the activations to match.
+    const DOT_ORDER: Option<&'static [u8; UNIT]> = None;
+    /// The step in input order.
+    ///
     /// # Safety
     /// `i` must be a multiple of 32 inside the row; the pointers must cover the row.
     unsafe fn unit(&self, i: usize) -> ([__m256; 4], __m256);
+    /// The step in `DOT_ORDER`, for formats that decode faster out of order.
+    ///
+    /// # Safety
+    /// As for `unit`.
+    #[inline(always)]
+    unsafe fn unit_for_dot(&self, i: usize) -> ([__m256; 4], __m256) {
+        unsafe { self.unit(i) }
+    }
 }
 
 struct F32Row(*const f32);
@@ -153,26 +109,41 @@ impl RowDecoder for Fp8Row {
     }
 }
 
+impl Fp4Row {
+    /// UE8M0 → f32 by placing the byte in the exponent field (codes 1..=254).
+    #[inline(always)]
+    unsafe fn scale(&self, i: usize) -> __m256 {
+        unsafe { _mm256_castsi256_ps(_mm256_set1_epi32((*self.scales.add(i / FP4_BLOCK) as i32) << 23)) }
+    }
+}
+
 impl RowDecoder for Fp4Row {
     const SCALED: bool = true;
+    const DOT_ORDER: Option<&'static [u8; UNIT]> = Some(&FP4_ORDER);
     #[inline(always)]
     unsafe fn unit(&self, i: usize) -> ([__m256; 4], __m256) {
-        unsafe {
-            // UE8M0 → f32 by placing the byte in the exponent field (codes 1..=254).
-            let s = _mm256_castsi256_ps(_mm256_set1_epi32((*self.scales.add(i / FP4_BLOCK) as i32) << 23));
-            (fp4x32(self.codes.add(i / 2)), s)
-        }
+        unsafe { (fp4x32(self.codes.add(i / 2)), self.scale(i)) }
+    }
+    #[inline(always)]
+    unsafe fn unit_for_dot(&self, i: usize) -> ([__m256; 4], __m256) {
+        unsafe { (fp4x32_ordered(self.codes.add(i / 2)), self.scale(i)) }
     }
 }
 
 /// Dot products over the 32-aligned body of a row, for `M` activation rows, left as vectors
-/// (the caller reduces eight rows at a time).
+/// (the caller reduces eight rows at a time). `DOT_ORDER`: the weights are decoded (and `x` is
+/// laid out) in the format's dot order.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_body<D: RowDecoder, const M: usize>(d: &D, body: usize, x: *const f32, x_stride: usize) -> [__m256; M] {
+unsafe fn dot_body<D: RowDecoder, const M: usize, const DOT_ORDER: bool>(
+    d: &D,
+    body: usize,
+    x: *const f32,
+    x_stride: usize,
+) -> [__m256; M] {
     let mut acc = [_mm256_setzero_ps(); M];
     let mut i = 0;
     while i < body {
-        let (wv, scale) = unsafe { d.unit(i) };
+        let (wv, scale) = unsafe { if DOT_ORDER { d.unit_for_dot(i) } else { d.unit(i) } };
         for (m, a) in acc.iter_mut().enumerate() {
             // One short chain per unit keeps the loop-carried dependency to a single add/FMA.
             unsafe {
@@ -316,7 +287,7 @@ unsafe fn dot4_body<D: RowDecoder>(rows: [&D; 4], body: usize, x: *const f32) ->
                 _mm256_loadu_ps(x.add(i + 24)),
             ];
             for (d, a) in rows.iter().zip(acc.iter_mut()) {
-                let (wv, scale) = d.unit(i);
+                let (wv, scale) = d.unit_for_dot(i);
                 let mut t = _mm256_mul_ps(wv[0], xv[0]);
                 t = _mm256_fmadd_ps(wv[1], xv[1], t);
                 t = _mm256_fmadd_ps(wv[2], xv[2], t);
@@ -332,7 +303,7 @@ unsafe fn dot4_body<D: RowDecoder>(rows: [&D; 4], body: usize, x: *const f32) ->
 /// One activation row (decode): the row range is cut into four quarters walked side by side, so
 /// four long sequential streams are in flight at once. One stream per core stays latency-bound
 /// (about 7 GB/s here); four reach the memory bandwidth, for short rows too (the tiny model's rows
-/// are 128–256 inputs). Results are reduced eight rows at a time.
+/// are 128–256 inputs). Results are reduced eight rows at a time. `x` is in the rows' dot order.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn rows_body_single<S: RowSource>(
     src: &S,
@@ -361,12 +332,12 @@ unsafe fn rows_body_single<S: RowSource>(
         }
         i += 2;
     }
-    unsafe { rows_body::<S, 1>(src, rows.start + 4 * q..rows.end, body, x, 0, &mut out[4 * q..]) };
+    unsafe { rows_body::<S, 1, true>(src, rows.start + 4 * q..rows.end, body, x, 0, &mut out[4 * q..]) };
 }
 
 /// Several activation rows: rows are walked in memory order and reduced eight at a time.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn rows_body<S: RowSource, const M: usize>(
+unsafe fn rows_body<S: RowSource, const M: usize, const DOT_ORDER: bool>(
     src: &S,
     rows: std::ops::Range<usize>,
     body: usize,
@@ -380,7 +351,7 @@ unsafe fn rows_body<S: RowSource, const M: usize>(
         let group = (rows.end - r).min(8);
         let mut acc = [[_mm256_setzero_ps(); 8]; M];
         for j in 0..group {
-            let v = unsafe { dot_body::<_, M>(&src.row(r + j), body, x, x_stride) };
+            let v = unsafe { dot_body::<_, M, DOT_ORDER>(&src.row(r + j), body, x, x_stride) };
             for (a, vm) in acc.iter_mut().zip(v) {
                 a[j] = vm;
             }
@@ -414,11 +385,37 @@ pub unsafe fn dot_rows<const M: usize>(
 ) {
     let body = w.cols - w.cols % UNIT;
     assert!(x.len() >= (M - 1) * x_stride + w.cols && out_t.len() >= rows.len() * M && rows.end <= w.rows);
-    if M == 1 {
-        with_source!(w, |src| unsafe { rows_body_single(&src, rows, body, x.as_ptr(), out_t) })
-    } else {
-        with_source!(w, |src| unsafe { rows_body::<_, M>(&src, rows, body, x.as_ptr(), x_stride, out_t) })
+    with_source!(w, |src| unsafe { dot_rows_of::<_, M>(&src, rows, body, x, x_stride, out_t) })
+}
+
+/// [`dot_rows`] for one row source. One activation row (decode at batch 1, memory-bound): in the
+/// format's dot order, the activations permuted first (once per call; a call covers a thread's
+/// whole share of the rows). Several rows: in input order, since the multiply-adds dominate and
+/// the out-of-order decoders' extra constants measured slower there (register pressure).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_rows_of<S: RowSource, const M: usize>(
+    src: &S,
+    rows: std::ops::Range<usize>,
+    body: usize,
+    x: &[f32],
+    x_stride: usize,
+    out_t: &mut [f32],
+) {
+    if M > 1 {
+        return unsafe { rows_body::<_, M, false>(src, rows, body, x.as_ptr(), x_stride, out_t) };
     }
+    let Some(order) = S::Row::DOT_ORDER else {
+        return unsafe { rows_body_single(src, rows, body, x.as_ptr(), out_t) };
+    };
+    thread_local! {
+        /// The permuted activations, kept between calls (decode makes many small ones).
+        static PERMUTED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    PERMUTED.with_borrow_mut(|permuted| {
+        permuted.resize(body, 0.0);
+        permute_blocks(&x[..body], order, permuted);
+        unsafe { rows_body_single(src, rows, body, permuted.as_ptr(), out_t) }
+    })
 }
 
 /// Decodes `row` into `out` (`cols` floats).
