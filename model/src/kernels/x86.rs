@@ -23,7 +23,9 @@ use std::arch::x86_64::*;
 
 use super::weight::{FP4_BLOCK, FP8_TILE, WeightData, WeightMatrix};
 pub use super::x86_decode::UNIT;
-use super::x86_decode::{FP4_ORDER, bf16x8, fp4x32, fp4x32_ordered, fp8x16, permute_blocks};
+use super::x86_decode::{
+    BF16_ORDER, FP4_ORDER, bf16x8, bf16x32_ordered, fp4x32, fp4x32_ordered, fp8x16, permute_blocks,
+};
 
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
@@ -87,6 +89,11 @@ impl RowDecoder for F32Row {
 
 impl RowDecoder for Bf16Row {
     const SCALED: bool = false;
+    const DOT_ORDER: Option<&'static [u8; UNIT]> = Some(&BF16_ORDER);
+    #[inline(always)]
+    unsafe fn unit_for_dot(&self, i: usize) -> ([__m256; 4], __m256) {
+        unsafe { (bf16x32_ordered(self.0.add(2 * i)), _mm256_set1_ps(1.0)) }
+    }
     #[inline(always)]
     unsafe fn unit(&self, i: usize) -> ([__m256; 4], __m256) {
         unsafe {

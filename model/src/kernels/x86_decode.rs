@@ -1,16 +1,20 @@
 //! AVX2 decoders: 32 stored weights → four vectors of f32, exactly.
 //!
-//! * In input order: bf16 by a shift; FP8 e4m3 through an f16 pattern and `vcvtph2ps`; FP4 e2m1
-//!   through a `pshufb` table of f16 high bytes and `vcvtph2ps`.
-//! * FP4 for dot products, in a fixed permuted order (the dot kernels permute the activations to
-//!   match, once per call): two `pshufb` lookups build the two bytes of each value's bf16 pattern
-//!   (every e2m1 value is a bf16), then a shift or a mask per dword widens bf16 to f32. On Zen 1
-//!   `vcvtph2ps ymm` costs about 2.5 cycles per 8 values; avoiding it streams FP4 ~11 % faster.
-//!   Unpacking the bytes in place is what permutes the order: the widening takes even and odd
-//!   16-bit words apart, and 256-bit unpacks work within each 128-bit lane.
+//! * In input order: bf16 by a widening shuffle and a shift; FP8 e4m3 through an f16 pattern and
+//!   `vcvtph2ps`; FP4 e2m1 through a `pshufb` table of f16 high bytes and `vcvtph2ps`.
+//! * bf16 for dot products, in a fixed permuted order (the one-activation-row kernel permutes the
+//!   activations to match, once per call): a shift keeps the even values of a 256-bit load and a
+//!   mask the odd ones, half the operations of the in-order decode (decode at batch 1 +4–7 %).
+//! * FP4 for dot products, in a fixed permuted order: two `pshufb` lookups build the two bytes of
+//!   each value's bf16 pattern (every e2m1 value is a bf16), then the same shift or mask widens
+//!   bf16 to f32. Avoiding `vcvtph2ps` streams FP4 ~11 % faster on Zen 1. Unpacking the bytes in
+//!   place permutes the order further: 256-bit unpacks work within each 128-bit lane.
 //!
-//! The same byte lookups for FP8 (two more lookups to correct the subnormal codes, whose bf16
-//! bytes depend on the mantissa) measured 12 % slower than `vcvtph2ps` on Zen 1, so FP8 keeps it.
+//! On Zen 1 these kernels are bound by the number of vector operations per value (measured: the
+//! same product on a matrix in L2 runs no faster than from memory, and swapping `vcvtph2ps` for
+//! cheaper wrong-valued operations gained ~10 %). The byte lookups for FP8 need two more lookups
+//! to correct the subnormal codes (whose bf16 bytes depend on the mantissa) and measured 12 %
+//! slower than `vcvtph2ps`, so FP8 keeps it.
 
 use std::arch::x86_64::*;
 
@@ -23,6 +27,37 @@ pub unsafe fn bf16x8(p: *const u8) -> __m256 {
     let raw = unsafe { _mm_loadu_si128(p as *const __m128i) };
     _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(raw)))
 }
+
+/// 32 bf16 values as f32 in [`BF16_ORDER`]: per 16 values (one 256-bit load), a shift keeps the
+/// even ones and a mask the odd ones, where the in-order decode needs a widening shuffle per 8.
+///
+/// # Safety
+/// `p` must point to 64 readable bytes; AVX2 must be available.
+#[target_feature(enable = "avx2")]
+#[inline]
+pub unsafe fn bf16x32_ordered(p: *const u8) -> [__m256; 4] {
+    let (a, b) = unsafe { (_mm256_loadu_si256(p as *const __m256i), _mm256_loadu_si256(p.add(32) as *const __m256i)) };
+    let odd = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
+    [
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(a)),
+        _mm256_castsi256_ps(_mm256_and_si256(a, odd)),
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(b)),
+        _mm256_castsi256_ps(_mm256_and_si256(b, odd)),
+    ]
+}
+
+/// Which input of a 32-block each f32 lane of [`bf16x32_ordered`] holds: the even inputs of the
+/// first 16, the odd ones, then the same for the second 16.
+pub const BF16_ORDER: [u8; UNIT] = {
+    let mut t = [0u8; UNIT];
+    let mut i = 0;
+    while i < UNIT {
+        let (v, e) = (i / 8, i % 8);
+        t[i] = (16 * (v / 2) + 2 * e + v % 2) as u8;
+        i += 1;
+    }
+    t
+};
 
 /// Sixteen e4m3 codes as two vectors of f32, each value times 2^-8: sign-extend to 16 bits,
 /// shift left by 7 and clear bit 14, which yields the f16 with the same bits (e4m3 bias 7 vs f16
