@@ -1,23 +1,24 @@
 //! AVX2 + FMA + F16C kernels (x86_64). Every weight format is decoded in registers, 32 inputs at
 //! a time, and multiplied against up to 8 activation rows while the weights are hot:
 //!
-//! * bf16: zero-extend to 32 bits and shift into the high half.
+//! * bf16: zero-extend to 32 bits and shift into the high half (dot products with one
+//!   activation row: a shift or a mask per 16 values, out of order; see `x86_decode`).
 //! * FP8 e4m3: sign-extend to 16 bits, shift left by 7 and clear bit 14; that yields an f16 whose
 //!   value is the e4m3 value times 2^-8 (e4m3 bias 7 vs f16 bias 15; e4m3 subnormals land on f16
 //!   subnormals), which `vcvtph2ps` widens exactly. The 2^8 goes into the block scale.
 //! * FP4 e2m1: every e2m1 value is an f16 whose low byte is zero, so a 16-entry `pshufb` table of
-//!   high bytes decodes a nibble straight to f16. Dot products instead build each value's bf16
-//!   bytes with two lookups, out of order (see `x86_decode`).
+//!   high bytes decodes a nibble straight to f16. Dot products with one activation row instead
+//!   build each value's bf16 bytes with two lookups, out of order.
 //!
 //! Callers check `is_x86_feature_detected!` once (see `kernels::simd_available`).
 //!
-//! Measured on AMD Zen 1 (2.5 GHz): bf16 streams at the memory bandwidth; FP8 and FP4 are
-//! bound by `vcvtph2ps ymm` (≈ 2.5 cycles per 8 values there), so about 16 cycles per 32 inputs
-//! for either format (FP4 dot products: about 14, without it). Tried and slower on that core:
-//! byte→f32 bit tricks (subnormal f32 inputs hit a ~3× microcode penalty), magic-number
-//! int→float conversion, `pshufb` tables building bf16 patterns in input order and, for FP8, out
-//! of order, and all-128-bit variants. Cores with AVX-512 FP16/BF16 conversions would lift this
-//! bound.
+//! Measured on AMD Zen 1 (2.5 GHz), one activation row, matrix in L2: about 12 (bf16), 16 (FP8)
+//! and 14 (FP4) cycles per 32 inputs, the same as from memory for FP8 and FP4: they are bound by
+//! the vector operations per value (decode plus multiply-add), not by memory. Tried and slower on
+//! that core: byte→f32 bit tricks (subnormal f32 inputs hit a ~3× microcode penalty),
+//! magic-number int→float conversion, `pshufb` tables building bf16 patterns in input order and,
+//! for FP8, out of order, a split multiply-add chain, and all-128-bit variants. Cores with
+//! AVX-512 FP16/BF16 conversions would lift this bound.
 
 use std::arch::x86_64::*;
 
