@@ -119,6 +119,33 @@ fn requests_are_validated_and_name_the_problem() {
     }
 }
 
+/// The on-this-thread path (expert workers run small calls where they arrive) gives what the
+/// pool path gives, rejects what it rejects, and `call_weight_bytes` counts each distinct held
+/// expert once.
+#[test]
+fn computing_on_the_calling_thread_equals_the_pool_path() {
+    let ckpt = in_memory(&Preset::Micro.config(), 7, InitDtype::Fp8).unwrap();
+    let store = ExpertStore::load(&ckpt, &ExpertSelection::experts(0..4), QuantSim::default()).unwrap();
+    let d = ckpt.config().dim;
+    let hidden: Vec<f32> = (0..3 * d).map(|i| (i as f32 * 0.37).sin()).collect();
+    // Three tokens, two slots each: expert 1 twice, one empty slot.
+    let routes = Routes { k: 2, experts: vec![1, 0, 3, NO_EXPERT, 1, 2], weights: vec![0.4, 0.6, 0.7, 0.0, 0.2, 0.8] };
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    for layer in [0, 3] {
+        let pooled = pool.install(|| store.compute(layer, &hidden, &routes)).unwrap();
+        let here = store.compute_here(layer, &hidden, &routes).unwrap();
+        // The same products summed in the same order per row, whichever thread runs them: equal.
+        assert_eq!(here, pooled, "layer {layer}");
+    }
+    let bad = Routes { k: 2, experts: vec![1, 9, 3, 0, 1, 2], weights: vec![0.5; 6] };
+    let err = store.compute_here(0, &hidden, &bad).unwrap_err().to_string();
+    assert!(err.contains("expert 9 is not held"), "{err}");
+
+    let one = store.call_weight_bytes(0, &Routes { k: 2, experts: vec![1, NO_EXPERT], weights: vec![1.0, 0.0] });
+    assert!(one > 0);
+    assert_eq!(store.call_weight_bytes(0, &routes), 4 * one, "experts 0-3 once each (same shapes)");
+}
+
 #[test]
 fn explicit_pairs_select_per_layer_experts() {
     let ckpt = in_memory(&Preset::Micro.config(), 7, InitDtype::Bf16).unwrap();

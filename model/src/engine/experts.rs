@@ -211,6 +211,29 @@ impl ExpertStore {
     /// Validated compute (see [`ExpertBackend`]). Contributions are summed per token in
     /// ascending expert order, the order of the official loop.
     pub fn compute(&self, layer: usize, hidden: &[f32], routes: &Routes) -> Result<Vec<f32>, ExpertError> {
+        self.compute_with(layer, hidden, routes, true)
+    }
+
+    /// [`Self::compute`] entirely on the calling thread, with no pool: for calls so small that
+    /// handing them to a pool and back costs more than the math (one token of a small model).
+    pub fn compute_here(&self, layer: usize, hidden: &[f32], routes: &Routes) -> Result<Vec<f32>, ExpertError> {
+        crate::kernels::sequential(|| self.compute_with(layer, hidden, routes, false))
+    }
+
+    /// Weight bytes a call with `routes` reads at `layer`: each distinct routed expert held here
+    /// once (what a caller needs to judge whether the call is small).
+    pub fn call_weight_bytes(&self, layer: usize, routes: &Routes) -> usize {
+        let distinct: BTreeSet<u32> = routes.experts.iter().copied().filter(|&e| e != NO_EXPERT).collect();
+        distinct.iter().filter_map(|&e| self.experts.get(&(layer, e as usize))).map(|f| f.bytes()).sum()
+    }
+
+    fn compute_with(
+        &self,
+        layer: usize,
+        hidden: &[f32],
+        routes: &Routes,
+        parallel: bool,
+    ) -> Result<Vec<f32>, ExpertError> {
         self.validate(layer, hidden, routes)?;
         let d = self.dim;
         // Per expert: the tokens routed to it and their routing weights.
@@ -225,19 +248,18 @@ impl ExpertStore {
         let work: Vec<(u32, &Assigned)> = by_expert.iter().map(|(e, v)| (*e, v)).collect();
         // With at least one expert per thread, the experts are the parallelism; each expert's
         // products stay on its thread.
-        let per_expert_parallel = work.len() < rayon::current_num_threads();
-        let results: Vec<Vec<f32>> = work
-            .par_iter()
-            .map(|(e, (tokens, weights))| {
-                let mut x = Vec::with_capacity(tokens.len() * d);
-                for &t in tokens {
-                    x.extend_from_slice(&hidden[t * d..(t + 1) * d]);
-                }
-                let ffn = &self.experts[&(layer, *e as usize)];
-                let run = || ffn.forward(&x, tokens.len(), Some(weights));
-                if per_expert_parallel { run() } else { crate::kernels::sequential(run) }
-            })
-            .collect();
+        let per_expert_parallel = parallel && work.len() < rayon::current_num_threads();
+        let one_expert = |(e, (tokens, weights)): &(u32, &Assigned)| {
+            let mut x = Vec::with_capacity(tokens.len() * d);
+            for &t in tokens {
+                x.extend_from_slice(&hidden[t * d..(t + 1) * d]);
+            }
+            let ffn = &self.experts[&(layer, *e as usize)];
+            let run = || ffn.forward(&x, tokens.len(), Some(weights));
+            if per_expert_parallel { run() } else { crate::kernels::sequential(run) }
+        };
+        let results: Vec<Vec<f32>> =
+            if parallel { work.par_iter().map(one_expert).collect() } else { work.iter().map(one_expert).collect() };
         let mut out = vec![0.0f32; hidden.len()];
         for ((_, (tokens, _)), y) in work.iter().zip(results) {
             for (i, &t) in tokens.iter().enumerate() {
