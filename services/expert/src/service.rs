@@ -88,26 +88,23 @@ impl ExpertServiceImpl {
         let (layer, tokens, dtype) = (call.layer, call.tokens, call.output_dtype);
         let inline = call.tokens <= INLINE_MAX_TOKENS
             && inner.store.call_weight_bytes(call.layer, &call.routes) <= INLINE_MAX_WEIGHT_BYTES;
+        let compute = if inline { ExpertStore::compute_here } else { ExpertStore::compute };
         let this = self.inner.clone();
-        let run = move |inline: bool| {
+        let run = move || {
             this.metrics.queue_seconds.observe(arrived.elapsed().as_secs_f64());
-            let out = if inline {
-                this.store.compute_here(call.layer, &call.hidden, &call.routes)
-            } else {
-                this.store.compute(call.layer, &call.hidden, &call.routes)
-            };
+            let out = compute(&this.store, call.layer, &call.hidden, &call.routes);
             if out.is_ok() {
                 this.metrics.routed(call.layer, &call.routes.experts);
             }
             out
         };
         let out = if inline {
-            run(true)
+            run()
         } else {
             // The math runs on the compute pool; this task only waits.
             let (tx, rx) = oneshot::channel();
             let job = move || {
-                let _ = tx.send(run(false));
+                let _ = tx.send(run());
             };
             match &inner.pool {
                 Some(pool) => pool.spawn(job),
