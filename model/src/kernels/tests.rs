@@ -135,8 +135,9 @@ fn simd_decode_is_exact() {
 
 /// Every code at every position of a 64-wide row, through the dot kernels with one and with
 /// three activation rows. Each weight row holds one nonzero code, so every product is exact: a
-/// value decoded wrong, or paired with another position's input (the FP4 dot decoder works out
-/// of order), shows up as an exact mismatch that a tolerance over whole sums would hide. (The
+/// value decoded wrong, or paired with another position's input (the FP8 and FP4 dot decoders
+/// work out of order, FP8 with power-of-two factors on weights and inputs), shows up as an exact
+/// mismatch that a tolerance over whole sums would hide. Inputs span 2^-32..2^32. (The
 /// bf16 dot decoder's order is caught by the reference test above: its random values would be
 /// summed against the wrong inputs.)
 #[test]
@@ -165,7 +166,8 @@ fn dot_products_pair_every_code_with_its_own_input() {
         };
         for m in [1, 3] {
             // Distinct inputs per position and row, exact in f32, and so is each product.
-            let x: Vec<f32> = (0..m * COLS).map(|i| 1.0 + i as f32 / 64.0).collect();
+            let x: Vec<f32> =
+                (0..m * COLS).map(|i| (1.0 + i as f32 / 64.0) * 2f32.powi((i % 65) as i32 - 32)).collect();
             let got = matmul(&x, m, &w);
             let mut row = vec![0.0; COLS];
             for r in 0..rows {

@@ -5,27 +5,34 @@
 //!   activation row: a shift or a mask per 16 values, out of order; see `x86_decode`).
 //! * FP8 e4m3: sign-extend to 16 bits, shift left by 7 and clear bit 14; that yields an f16 whose
 //!   value is the e4m3 value times 2^-8 (e4m3 bias 7 vs f16 bias 15; e4m3 subnormals land on f16
-//!   subnormals), which `vcvtph2ps` widens exactly. The 2^8 goes into the block scale.
+//!   subnormals), which `vcvtph2ps` widens exactly. The 2^8 goes into the block scale. Dot
+//!   products with one activation row decode by shifts and masks alone, out of order, each value
+//!   times 2^-120 (see `x86_decode::fp8x32_ordered`).
 //! * FP4 e2m1: every e2m1 value is an f16 whose low byte is zero, so a 16-entry `pshufb` table of
 //!   high bytes decodes a nibble straight to f16. Dot products with one activation row instead
 //!   build each value's bf16 bytes with two lookups, out of order.
 //!
 //! Callers check `is_x86_feature_detected!` once (see `kernels::simd_available`).
 //!
-//! Measured on AMD Zen 1 (2.5 GHz), one activation row, matrix in L2: about 12 (bf16), 16 (FP8)
+//! Measured on AMD Zen 1 (2.5 GHz), one activation row, matrix in L2: about 12 (bf16), 13 (FP8)
 //! and 14 (FP4) cycles per 32 inputs, the same as from memory for FP8 and FP4: they are bound by
-//! the vector operations per value (decode plus multiply-add), not by memory. Tried and slower on
-//! that core: byte→f32 bit tricks (subnormal f32 inputs hit a ~3× microcode penalty),
-//! magic-number int→float conversion, `pshufb` tables building bf16 patterns in input order and,
-//! for FP8, out of order, a split multiply-add chain, and all-128-bit variants. Cores with
-//! AVX-512 FP16/BF16 conversions would lift this bound.
+//! the vector operations per value (decode plus multiply-add), not by memory. The FP8 bit-trick
+//! decode turns e4m3 subnormals into f32 subnormals, which cost a microcode assist per
+//! multiply-add on that core: no measurable cost at the 1.3e-4 share of subnormal codes in
+//! amax-scaled weights (the golden FP8 checkpoint), 25 % slower than `vcvtph2ps` when 5 % of the
+//! codes are subnormal (uniformly random bytes). Tried and slower on that core: byte→f32 bit
+//! tricks for FP4 (its 0.5 lands on a subnormal), magic-number int→float conversion, `pshufb`
+//! tables building bf16 patterns in input order and, for FP8, out of order, a split multiply-add
+//! chain, and all-128-bit variants. Cores with AVX-512 FP16/BF16 conversions would lift this
+//! bound.
 
 use std::arch::x86_64::*;
 
 use super::weight::{FP4_BLOCK, FP8_TILE, WeightData, WeightMatrix};
 pub use super::x86_decode::UNIT;
 use super::x86_decode::{
-    BF16_ORDER, FP4_ORDER, bf16x8, bf16x32_ordered, fp4x32, fp4x32_ordered, fp8x16, permute_blocks,
+    BF16_ORDER, FP4_ORDER, FP8_ORDER, bf16x8, bf16x32_ordered, fp4x32, fp4x32_ordered, fp8x16, fp8x32_ordered,
+    permute_blocks,
 };
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -48,6 +55,9 @@ trait RowDecoder {
     /// The order of the inputs in each of `unit_for_dot`'s steps (`None`: input order); the dot
     /// kernels permute the activations to match.
     const DOT_ORDER: Option<&'static [u8; UNIT]> = None;
+    /// What the dot kernels multiply the permuted activations by (a power of two, exact), for
+    /// decoders whose `unit_for_dot` values carry a tiny power-of-two factor.
+    const DOT_INPUT_SCALE: f32 = 1.0;
     /// The step in input order.
     ///
     /// # Safety
@@ -104,8 +114,25 @@ impl RowDecoder for Bf16Row {
     }
 }
 
+/// `fp8x32_ordered` yields each value times 2^-120; the activations are taken times 2^64, so the
+/// products stay clear of f32 subnormals (exact for |x| < 2^64 and |w·x| ≥ 2^-70), and the scale
+/// restores the remaining 2^56.
+const FP8_DOT_INPUT_EXP: i32 = 64;
+
+/// 2^e for a normal exponent.
+const fn pow2(e: i32) -> f32 {
+    f32::from_bits(((127 + e) as u32) << 23)
+}
+
 impl RowDecoder for Fp8Row {
     const SCALED: bool = true;
+    const DOT_ORDER: Option<&'static [u8; UNIT]> = Some(&FP8_ORDER);
+    const DOT_INPUT_SCALE: f32 = pow2(FP8_DOT_INPUT_EXP);
+    #[inline(always)]
+    unsafe fn unit_for_dot(&self, i: usize) -> ([__m256; 4], __m256) {
+        const RESTORE: f32 = pow2(120 - FP8_DOT_INPUT_EXP);
+        unsafe { (fp8x32_ordered(self.codes.add(i)), _mm256_set1_ps(*self.scales.add(i / FP8_TILE) * RESTORE)) }
+    }
     #[inline(always)]
     unsafe fn unit(&self, i: usize) -> ([__m256; 4], __m256) {
         unsafe {
@@ -421,7 +448,7 @@ unsafe fn dot_rows_of<S: RowSource, const M: usize>(
     }
     PERMUTED.with_borrow_mut(|permuted| {
         permuted.resize(body, 0.0);
-        permute_blocks(&x[..body], order, permuted);
+        permute_blocks(&x[..body], order, S::Row::DOT_INPUT_SCALE, permuted);
         unsafe { rows_body_single(src, rows, body, permuted.as_ptr(), out_t) }
     })
 }
