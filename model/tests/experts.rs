@@ -35,8 +35,11 @@ impl ExpertBackend for Sharded {
 #[test]
 fn uneven_shards_with_replicas_equal_one_store() {
     let ckpt = in_memory(&Preset::Micro.config(), 7, InitDtype::Fp8).unwrap();
-    let sim = QuantSim::default();
-    let model = Model::load(&ckpt, LoadOptions::default()).unwrap();
+    // Without the quantisation simulations: their roundings turn a last-bit difference of
+    // summation order into a whole FP8 step when a value sits near a rounding boundary, and that
+    // grows over the following positions (measured: 0.1 relative with them on, 3e-7 off).
+    let sim = QuantSim::off();
+    let model = Model::load(&ckpt, LoadOptions { sim, ..LoadOptions::default() }).unwrap();
     let whole = ExpertStore::load(&ckpt, &ExpertSelection::all(), sim).unwrap();
     // Uneven: 0-2 (+5), 3-9, 10-15. Expert 5 has a replica on the first shard; the slot goes to
     // one holder only, so it is counted once.
