@@ -52,6 +52,8 @@ fn hsum(v: __m256) -> f32 {
 trait RowDecoder {
     /// Whether `unit` returns a scale other than 1.
     const SCALED: bool;
+    /// How many consecutive inputs share one scale (a multiple of `UNIT`).
+    const SCALE_SPAN: usize = usize::MAX;
     /// The order of the inputs in each of `unit_for_dot`'s steps (`None`: input order); the dot
     /// kernels permute the activations to match.
     const DOT_ORDER: Option<&'static [u8; UNIT]> = None;
@@ -126,6 +128,7 @@ const fn pow2(e: i32) -> f32 {
 
 impl RowDecoder for Fp8Row {
     const SCALED: bool = true;
+    const SCALE_SPAN: usize = FP8_TILE;
     const DOT_ORDER: Option<&'static [u8; UNIT]> = Some(&FP8_ORDER);
     const DOT_INPUT_SCALE: f32 = pow2(FP8_DOT_INPUT_EXP);
     #[inline(always)]
@@ -154,6 +157,7 @@ impl Fp4Row {
 
 impl RowDecoder for Fp4Row {
     const SCALED: bool = true;
+    const SCALE_SPAN: usize = FP4_BLOCK;
     const DOT_ORDER: Option<&'static [u8; UNIT]> = Some(&FP4_ORDER);
     #[inline(always)]
     unsafe fn unit(&self, i: usize) -> ([__m256; 4], __m256) {
@@ -311,16 +315,14 @@ macro_rules! with_source {
 /// Four rows against one activation row, the activation chunk loaded once for the four.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot4_body<D: RowDecoder>(rows: [&D; 4], body: usize, x: *const f32) -> [__m256; 4] {
+    if D::SCALE_SPAN > UNIT {
+        return unsafe { dot4_body_spans(rows, body, x) };
+    }
     let mut acc = [_mm256_setzero_ps(); 4];
     let mut i = 0;
     while i < body {
         unsafe {
-            let xv = [
-                _mm256_loadu_ps(x.add(i)),
-                _mm256_loadu_ps(x.add(i + 8)),
-                _mm256_loadu_ps(x.add(i + 16)),
-                _mm256_loadu_ps(x.add(i + 24)),
-            ];
+            let xv = load_x(x.add(i));
             for (d, a) in rows.iter().zip(acc.iter_mut()) {
                 let (wv, scale) = d.unit_for_dot(i);
                 let mut t = _mm256_mul_ps(wv[0], xv[0]);
@@ -333,6 +335,48 @@ unsafe fn dot4_body<D: RowDecoder>(rows: [&D; 4], body: usize, x: *const f32) ->
         i += UNIT;
     }
     acc
+}
+
+/// [`dot4_body`] for formats whose steps share a scale (`SCALE_SPAN`: FP8's 128-input tiles;
+/// bf16, whose scale is 1): the products of a span are summed first and scaled once, one
+/// multiply-add per span instead of per step (+5–10 % for bf16 and FP8 in cache; with FP4's
+/// scale per step the single chain measured ~4 % slower than `dot4_body`'s short ones).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot4_body_spans<D: RowDecoder>(rows: [&D; 4], body: usize, x: *const f32) -> [__m256; 4] {
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i < body {
+        let end = body.min(i.saturating_add(D::SCALE_SPAN));
+        let mut sums = [_mm256_setzero_ps(); 4];
+        let mut scales = [_mm256_setzero_ps(); 4];
+        while i < end {
+            unsafe {
+                let xv = load_x(x.add(i));
+                for ((d, t), s) in rows.iter().zip(sums.iter_mut()).zip(scales.iter_mut()) {
+                    let (wv, scale) = d.unit_for_dot(i);
+                    for (w, xk) in wv.iter().zip(&xv) {
+                        *t = _mm256_fmadd_ps(*w, *xk, *t);
+                    }
+                    *s = scale;
+                }
+            }
+            i += UNIT;
+        }
+        for ((a, t), s) in acc.iter_mut().zip(sums).zip(scales) {
+            *a = if D::SCALED { _mm256_fmadd_ps(t, s, *a) } else { _mm256_add_ps(*a, t) };
+        }
+    }
+    acc
+}
+
+/// One step's 32 activations.
+///
+/// # Safety
+/// `x` must point to 32 readable floats.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn load_x(x: *const f32) -> [__m256; 4] {
+    unsafe { [_mm256_loadu_ps(x), _mm256_loadu_ps(x.add(8)), _mm256_loadu_ps(x.add(16)), _mm256_loadu_ps(x.add(24))] }
 }
 
 /// One activation row (decode): the row range is cut into four quarters walked side by side, so
