@@ -214,11 +214,15 @@ fn counters_move_by_what_the_requests_imply_and_traces_reach_every_process() {
             "{role}"
         );
         assert_eq!(sum(samples, "expertmesh_e2e_request_latency_seconds_count", r), generations, "{role}");
+        // Each generation was admitted once and reached its first token; none is left in flight.
+        assert_eq!(sum(samples, "expertmesh_request_queue_time_seconds_count", r), generations, "{role}");
+        assert_eq!(sum(samples, "expertmesh_request_prefill_time_seconds_count", r), generations, "{role}");
+        assert_eq!(sum(samples, "expertmesh_num_requests_running", r), 0.0, "{role}");
+        assert_eq!(sum(samples, "expertmesh_num_requests_waiting", r), 0.0, "{role}");
     }
     assert_eq!(sum(gw, "expertmesh_request_errors_total", &[("role", "gateway"), ("kind", "invalid_argument")]), 1.0);
     assert_eq!(sum(gw, "expertmesh_request_errors_total", &[]), 1.0);
     assert_eq!(sum(att, "expertmesh_request_errors_total", &[]), 0.0);
-    assert_eq!(sum(att, "expertmesh_request_queue_time_seconds_count", &[]), generations);
     assert_eq!(sum(att, "expertmesh_dispatch_tokens_total", &[]), forwarded * LAYERS);
     assert_eq!(sum(att, "expertmesh_dispatch_failovers_total", &[]), 0.0);
     assert!(sum(att, "expertmesh_step_batch_size_count", &[]) > 0.0);

@@ -40,21 +40,39 @@ pub struct GenRequest {
 
 pub type GenItem = Result<GenEvent, ServiceError>;
 
+/// What `drive` reports to the generation's observer: its events, and when an attention worker
+/// admitted it (left the worker's queue), which only the metrics use.
+enum Update {
+    Admitted,
+    Item(GenItem),
+}
+
 /// A running generation: a stream of its events, observed for metrics and logs as the caller
 /// takes them. Dropping it cancels the work (the engine stream is dropped, which the engine
 /// notices).
 pub struct Generation {
-    rx: mpsc::Receiver<GenItem>,
+    rx: mpsc::Receiver<Update>,
     observer: Observer,
 }
 
 impl Generation {
     pub async fn recv(&mut self) -> Option<GenItem> {
-        let item = self.rx.recv().await;
-        if let Some(item) = &item {
-            self.observer.see(item);
+        std::future::poll_fn(|cx| self.poll_item(cx)).await
+    }
+
+    /// The next event, noting admissions on the way.
+    fn poll_item(&mut self, cx: &mut Context<'_>) -> Poll<Option<GenItem>> {
+        loop {
+            match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(Update::Admitted)) => self.observer.admitted(),
+                Poll::Ready(Some(Update::Item(item))) => {
+                    self.observer.see(&item);
+                    return Poll::Ready(Some(item));
+                }
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
         }
-        item
     }
 
     /// The caller ended the generation on a stop string (a finish, not an abort).
@@ -67,12 +85,7 @@ impl tokio_stream::Stream for Generation {
     type Item = GenItem;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<GenItem>> {
-        let this = &mut *self;
-        let polled = this.rx.poll_recv(cx);
-        if let Poll::Ready(Some(item)) = &polled {
-            this.observer.see(item);
-        }
-        polled
+        self.poll_item(cx)
     }
 }
 
@@ -84,7 +97,7 @@ pub fn start(router: Arc<EngineRouter>, req: GenRequest) -> Generation {
         async move {
             let result = drive(&router, req, &tx).await;
             if let Err(e) = result {
-                let _ = tx.send(Err(e)).await;
+                let _ = tx.send(Update::Item(Err(e))).await;
             }
         }
         .in_current_span(),
@@ -97,11 +110,8 @@ fn worker_failure(status: &tonic::Status) -> bool {
     matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Aborted | Code::Internal)
 }
 
-async fn drive(
-    router: &EngineRouter,
-    req: GenRequest,
-    tx: &mpsc::Sender<Result<GenEvent, ServiceError>>,
-) -> Result<(), ServiceError> {
+async fn drive(router: &EngineRouter, req: GenRequest, tx: &mpsc::Sender<Update>) -> Result<(), ServiceError> {
+    let send = |event: GenEvent| tx.send(Update::Item(Ok(event)));
     let max_tokens = req.sampling.max_tokens;
     let mut generated: Vec<u32> = Vec::new();
     let mut failed: HashSet<String> = HashSet::new();
@@ -114,7 +124,7 @@ async fn drive(
                 prompt_tokens: req.prompt.len() as u32,
                 completion_tokens: generated.len() as u32,
             };
-            let _ = tx.send(Ok(finished)).await;
+            let _ = send(finished).await;
             return Ok(());
         }
         let Some(mut lease) = router.pick(&failed) else {
@@ -144,9 +154,12 @@ async fn drive(
         loop {
             match stream.message().await {
                 Ok(Some(ev)) => match ev.event {
+                    Some(Event::Admitted(_)) => {
+                        let _ = tx.send(Update::Admitted).await; // a gone caller shows at the next token
+                    }
                     Some(Event::Token(t)) => {
                         generated.push(t.token_id);
-                        if tx.send(Ok(GenEvent::Token { id: t.token_id, logprob: t.logprob })).await.is_err() {
+                        if send(GenEvent::Token { id: t.token_id, logprob: t.logprob }).await.is_err() {
                             return Ok(()); // the caller went away; dropping the stream cancels
                         }
                     }
@@ -156,10 +169,10 @@ async fn drive(
                             prompt_tokens: req.prompt.len() as u32,
                             completion_tokens: generated.len() as u32,
                         };
-                        let _ = tx.send(Ok(finished)).await;
+                        let _ = send(finished).await;
                         return Ok(());
                     }
-                    _ => {}
+                    None => {}
                 },
                 Ok(None) => {
                     last_error = Some(ServiceError::Unavailable(format!("{} ended the stream early", lease.id)));

@@ -1,7 +1,8 @@
 //! What the gateway measures about each generation, as its caller receives it (so latencies are
 //! what clients see, network and worker failover included): time to first token, inter-token
-//! latency, end-to-end time, tokens, and how it ended. One log line and (with an OTLP exporter,
-//! for sampled traces) one span per generation.
+//! latency, end-to-end time, tokens, and how it ended. A generation counts as waiting until an
+//! attention worker admits it (its queue time then includes the network) and as running after.
+//! One log line and (with an OTLP exporter, for sampled traces) one span per generation.
 
 use expertmesh_proto::v1::FinishReason;
 use expertmesh_runtime::metrics::{
@@ -27,6 +28,8 @@ pub struct Observer {
     started: SystemTime,
     arrived: Instant,
     clock: TokenClock,
+    /// When an attention worker first admitted it (`None`: still waiting).
+    admitted: Option<Instant>,
     tokens: usize,
     ended: bool,
 }
@@ -34,7 +37,7 @@ pub struct Observer {
 impl Observer {
     pub fn start(req: &GenRequest) -> Self {
         let m = gateway_metrics();
-        m.running.inc();
+        m.waiting.inc();
         m.prompt_tokens.inc_by(req.prompt.len() as u64);
         Observer {
             id: req.id.clone(),
@@ -45,16 +48,35 @@ impl Observer {
             started: SystemTime::now(),
             arrived: Instant::now(),
             clock: TokenClock::default(),
+            admitted: None,
             tokens: 0,
             ended: false,
         }
+    }
+
+    /// An attention worker took the generation from its queue. Only the first admission counts:
+    /// after a worker failure the resubmitted generation stays running.
+    pub fn admitted(&mut self) {
+        if self.admitted.is_some() || self.ended {
+            return;
+        }
+        let m = gateway_metrics();
+        let now = Instant::now();
+        self.admitted = Some(now);
+        m.waiting.dec();
+        m.running.inc();
+        m.queue.observe((now - self.arrived).as_secs_f64());
     }
 
     pub fn see(&mut self, item: &GenItem) {
         let m = gateway_metrics();
         match item {
             Ok(GenEvent::Token { .. }) => {
-                self.clock.token(m, self.arrived);
+                self.admitted(); // a worker that announced no admission
+                if self.clock.token(m, self.arrived) {
+                    let admitted = self.admitted.unwrap_or(self.arrived);
+                    m.prefill.observe(admitted.elapsed().as_secs_f64());
+                }
                 self.tokens += 1;
             }
             Ok(GenEvent::Finished { reason, .. }) => {
@@ -74,7 +96,11 @@ impl Observer {
             return;
         }
         let m = gateway_metrics();
-        m.running.dec();
+        if self.admitted.is_some() {
+            m.running.dec()
+        } else {
+            m.waiting.dec()
+        }
         self.clock.end(m, self.arrived);
         let seconds = self.arrived.elapsed().as_secs_f64();
         let outcome = match how {
