@@ -6,6 +6,7 @@
 
 use anyhow::Result;
 use expertmesh_model::kernels::{self, Bytes, WeightMatrix};
+use expertmesh_model::numerics::f32_to_e4m3;
 use rayon::prelude::*;
 use std::hint::black_box;
 
@@ -20,35 +21,63 @@ const CACHED_BYTES: usize = 384 << 10;
 /// Products per timed run on the cached matrix (about 48 MiB of weights, tens of ms).
 const CACHED_PRODUCTS: usize = 128;
 
-fn matrix(format: &str, bytes: usize, cols: usize) -> Result<WeightMatrix> {
-    let fill = |n: usize| -> Vec<u8> {
-        let mut v = vec![0u8; n];
-        v.par_chunks_mut(1 << 20).enumerate().for_each(|(c, chunk)| {
-            let mut s = (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-            for b in chunk.iter_mut() {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                // Finite bf16 values and FP8 codes away from NaN.
-                *b = ((s as u8) & 0x1f) | 0x20; // normal floats only (no subnormal slow paths)
-            }
-        });
-        v
+/// Pseudo-random bytes, each through `map`, filled in parallel.
+fn fill(n: usize, map: impl Fn(u64) -> u8 + Sync) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    v.par_chunks_mut(1 << 20).enumerate().for_each(|(c, chunk)| {
+        let mut s = (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        for b in chunk.iter_mut() {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            *b = map(s);
+        }
+    });
+    v
+}
+
+/// e4m3 codes as released FP8 weights have them: normally distributed values quantised with the
+/// largest magnitude at 448 (a 128×128 tile's scale does that), drawn from a table of 2^16. About
+/// 1 code in 8000 is then subnormal, as in the golden FP8 checkpoint; the FP8 dot kernel is
+/// slower on subnormal codes, so uniformly random bytes (1 in 18) would misstate it.
+fn fp8_weight_codes() -> Vec<u8> {
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut uniform = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        ((state >> 11) as f64 + 0.5) / (1u64 << 53) as f64
     };
+    // Box–Muller.
+    let normal: Vec<f64> =
+        (0..1 << 16).map(|_| (-2.0 * uniform().ln()).sqrt() * (std::f64::consts::TAU * uniform()).cos()).collect();
+    let amax = normal.iter().fold(0f64, |m, v| m.max(v.abs()));
+    normal.iter().map(|v| f32_to_e4m3((v * 448.0 / amax) as f32)).collect()
+}
+
+fn matrix(format: &str, bytes: usize, cols: usize) -> Result<WeightMatrix> {
+    // Finite bf16 values (and FP4 codes): normal floats only, no subnormal slow paths.
+    let small = |s: u64| ((s as u8) & 0x1f) | 0x20;
     let m = match format {
         "bf16" => {
             let rows = bytes / (2 * cols);
-            WeightMatrix::from_bf16(rows, cols, Bytes::from_vec(fill(rows * cols * 2)))
+            WeightMatrix::from_bf16(rows, cols, Bytes::from_vec(fill(rows * cols * 2, small)))
         }
         "fp8" => {
             let rows = bytes / cols;
             let scales = vec![1.0f32; rows.div_ceil(128) * cols.div_ceil(128)];
-            WeightMatrix::from_fp8(rows, cols, Bytes::from_vec(fill(rows * cols)), scales)
+            let codes = fp8_weight_codes();
+            WeightMatrix::from_fp8(
+                rows,
+                cols,
+                Bytes::from_vec(fill(rows * cols, |s| codes[(s >> 16) as u16 as usize])),
+                scales,
+            )
         }
         _ => {
             let rows = bytes * 2 / cols;
             let scales = vec![127u8; rows * cols / 32];
-            WeightMatrix::from_fp4(rows, cols, Bytes::from_vec(fill(rows * cols / 2)), Bytes::from_vec(scales))
+            WeightMatrix::from_fp4(rows, cols, Bytes::from_vec(fill(rows * cols / 2, small)), Bytes::from_vec(scales))
         }
     };
     m.map_err(anyhow::Error::msg)
