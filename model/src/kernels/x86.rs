@@ -5,9 +5,9 @@
 //!   activation row: a shift or a mask per 16 values, out of order; see `x86_decode`).
 //! * FP8 e4m3: sign-extend to 16 bits, shift left by 7 and clear bit 14; that yields an f16 whose
 //!   value is the e4m3 value times 2^-8 (e4m3 bias 7 vs f16 bias 15; e4m3 subnormals land on f16
-//!   subnormals), which `vcvtph2ps` widens exactly. The 2^8 goes into the block scale. Dot
-//!   products with one activation row decode by shifts and masks alone, out of order, each value
-//!   times 2^-120 (see `x86_decode::fp8x32_ordered`).
+//!   subnormals), which `vcvtph2ps` widens exactly. The 2^8 goes into the block scale (row
+//!   decoding for the GEMMs). Dot products (up to 8 activation rows) decode by shifts and masks
+//!   alone, out of order, each value times 2^-120 (see `x86_decode::fp8x32_ordered`).
 //! * FP4 e2m1: every e2m1 value is an f16 whose low byte is zero, so a 16-entry `pshufb` table of
 //!   high bytes decodes a nibble straight to f16. Dot products with one activation row instead
 //!   build each value's bf16 bytes with two lookups, out of order.

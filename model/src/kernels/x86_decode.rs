@@ -9,9 +9,9 @@
 //!   each value's bf16 pattern (every e2m1 value is a bf16), then the same shift or mask widens
 //!   bf16 to f32. Avoiding `vcvtph2ps` streams FP4 ~11 % faster on Zen 1. Unpacking the bytes in
 //!   place permutes the order further: 256-bit unpacks work within each 128-bit lane.
-//! * FP8 for dot products, in a fixed permuted order: an arithmetic shift and a mask per 8 values
-//!   place sign, exponent and mantissa where an f32 has them (9 operations per 32 values against
-//!   12 through `vcvtph2ps`): FP8 streams ~25 % faster on Zen 1. Byte lookups building bf16
+//! * FP8 for dot products (up to 8 activation rows), in a fixed permuted order: an arithmetic
+//!   shift and a mask per 8 values place sign, exponent and mantissa where an f32 has them (9
+//!   operations per 32 values against 12 through `vcvtph2ps`): FP8 streams ~25 % faster on Zen 1. Byte lookups building bf16
 //!   patterns need two more lookups for the subnormal codes and measured 12 % slower.
 //!
 //! On Zen 1 these kernels are bound by the number of vector operations per value (measured: the
