@@ -79,7 +79,7 @@ fn matmul_matches_reference_for_every_format_and_batch() {
                 continue;
             }
             let w = random_matrix(format, rows, cols, rows as u64 * 31 + cols as u64);
-            for m in [1, 2, 3, 8, 9, 40] {
+            for m in [1, 2, 3, 4, 8, 9, 40] {
                 let mut r = Lcg(m as u64 + 99);
                 let x: Vec<f32> = (0..m * cols).map(|_| r.f()).collect();
                 let got = matmul(&x, m, &w);

@@ -182,6 +182,9 @@ unsafe fn dot_body<D: RowDecoder, const M: usize, const DOT_ORDER: bool>(
     x: *const f32,
     x_stride: usize,
 ) -> [__m256; M] {
+    if D::SCALED && D::SCALE_SPAN > UNIT && (3..=4).contains(&M) {
+        return unsafe { dot_body_spans::<D, M, DOT_ORDER>(d, body, x, x_stride) };
+    }
     let mut acc = [_mm256_setzero_ps(); M];
     let mut i = 0;
     while i < body {
@@ -210,6 +213,40 @@ unsafe fn dot_body<D: RowDecoder, const M: usize, const DOT_ORDER: bool>(
             }
         }
         i += UNIT;
+    }
+    acc
+}
+
+/// [`dot_body`] for 3 or 4 rows of a format whose steps share a scale (FP8's 128-input tiles):
+/// each span's products are summed first and scaled once, as in [`dot4_body_spans`] (FP8 in
+/// cache +7 % at 3 rows, +16 % at 4; 2 rows' chains are too few to hide the multiply-add
+/// latency, and 5+ rows' sums next to their accumulators exceed the 16 vector registers).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_body_spans<D: RowDecoder, const M: usize, const DOT_ORDER: bool>(
+    d: &D,
+    body: usize,
+    x: *const f32,
+    x_stride: usize,
+) -> [__m256; M] {
+    let mut acc = [_mm256_setzero_ps(); M];
+    let mut i = 0;
+    while i < body {
+        let end = body.min(i + D::SCALE_SPAN);
+        let mut sums = [_mm256_setzero_ps(); M];
+        let mut scale = _mm256_setzero_ps();
+        while i < end {
+            let (wv, s) = unsafe { if DOT_ORDER { d.unit_for_dot(i) } else { d.unit(i) } };
+            for (m, t) in sums.iter_mut().enumerate() {
+                for (j, w) in wv.iter().enumerate() {
+                    *t = _mm256_fmadd_ps(*w, unsafe { _mm256_loadu_ps(x.add(m * x_stride + i + 8 * j)) }, *t);
+                }
+            }
+            scale = s;
+            i += UNIT;
+        }
+        for (a, t) in acc.iter_mut().zip(sums) {
+            *a = _mm256_fmadd_ps(t, scale, *a);
+        }
     }
     acc
 }
