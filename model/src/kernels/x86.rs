@@ -545,7 +545,8 @@ unsafe fn dot_rows_of<S: RowSource, const M: usize>(
     }
     PERMUTED.with_borrow_mut(|permuted| {
         permuted.resize(M * body, 0.0);
-        for (m, out) in permuted.chunks_exact_mut(body).enumerate() {
+        for m in 0..M {
+            let out = &mut permuted[m * body..(m + 1) * body];
             permute_blocks(&x[m * x_stride..m * x_stride + body], order, S::Row::DOT_INPUT_SCALE, out);
         }
         if M > 1 {
