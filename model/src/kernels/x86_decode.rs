@@ -11,8 +11,9 @@
 //!   place permutes the order further: 256-bit unpacks work within each 128-bit lane.
 //! * FP8 for dot products (up to 8 activation rows), in a fixed permuted order: an arithmetic
 //!   shift and a mask per 8 values place sign, exponent and mantissa where an f32 has them (9
-//!   operations per 32 values against 12 through `vcvtph2ps`): FP8 streams ~25 % faster on Zen 1. Byte lookups building bf16
-//!   patterns need two more lookups for the subnormal codes and measured 12 % slower.
+//!   operations per 32 values against 12 through `vcvtph2ps`): FP8 streams ~25 % faster on
+//!   Zen 1. Byte lookups building bf16 patterns need two more lookups for the subnormal codes
+//!   and measured 12 % slower.
 //!
 //! On Zen 1 these kernels are bound by the number of vector operations per value (measured: the
 //! same product on a matrix in L2 runs no faster than from memory, and swapping `vcvtph2ps` for
