@@ -182,7 +182,11 @@ unsafe fn dot_body<D: RowDecoder, const M: usize, const DOT_ORDER: bool>(
     x: *const f32,
     x_stride: usize,
 ) -> [__m256; M] {
-    if D::SCALED && D::SCALE_SPAN > UNIT && (3..=4).contains(&M) {
+    // Span sums pay off once the rows' chains hide the multiply-add latency (3+ rows), while the
+    // sums fit the registers next to the accumulators (scaled formats: up to 4 rows; unscaled
+    // ones need no accumulators besides the sums).
+    let spans = if D::SCALED { (3..=4).contains(&M) } else { M >= 4 };
+    if D::SCALE_SPAN > UNIT && spans {
         return unsafe { dot_body_spans::<D, M, DOT_ORDER>(d, body, x, x_stride) };
     }
     let mut acc = [_mm256_setzero_ps(); M];
@@ -190,18 +194,6 @@ unsafe fn dot_body<D: RowDecoder, const M: usize, const DOT_ORDER: bool>(
     while i < body {
         let (wv, scale) = unsafe { if DOT_ORDER { d.unit_for_dot(i) } else { d.unit(i) } };
         for (m, a) in acc.iter_mut().enumerate() {
-            // Unscaled formats with 4+ rows: straight into the accumulators (4 multiply-adds per
-            // row and step instead of 5; the rows' chains are enough to hide their latency:
-            // bf16 in cache +12-16 % at 4 and 8 rows, slower below 4).
-            if !D::SCALED && M >= 4 {
-                unsafe {
-                    let xm = x.add(m * x_stride + i);
-                    for (j, w) in wv.iter().enumerate() {
-                        *a = _mm256_fmadd_ps(*w, _mm256_loadu_ps(xm.add(8 * j)), *a);
-                    }
-                }
-                continue;
-            }
             // One short chain per unit keeps the loop-carried dependency to a single add/FMA.
             unsafe {
                 let xm = x.add(m * x_stride + i);
@@ -217,10 +209,11 @@ unsafe fn dot_body<D: RowDecoder, const M: usize, const DOT_ORDER: bool>(
     acc
 }
 
-/// [`dot_body`] for 3 or 4 rows of a format whose steps share a scale (FP8's 128-input tiles):
-/// each span's products are summed first and scaled once, as in [`dot4_body_spans`] (FP8 in
-/// cache +7 % at 3 rows, +16 % at 4; 2 rows' chains are too few to hide the multiply-add
-/// latency, and 5+ rows' sums next to their accumulators exceed the 16 vector registers).
+/// [`dot_body`] for formats whose steps share a scale (FP8's 128-input tiles; bf16, whose scale
+/// is 1, over the whole row): each span's products are summed first and scaled once, as in
+/// [`dot4_body_spans`]. In cache, one thread: FP8 +7 % at 3 rows and +16 % at 4, bf16 +12-16 %
+/// at 4 and 8 rows; at 2 rows the chains are too few to hide the multiply-add latency, and FP8's
+/// sums next to its accumulators exceed the 16 vector registers past 4 rows.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_body_spans<D: RowDecoder, const M: usize, const DOT_ORDER: bool>(
     d: &D,
@@ -231,7 +224,7 @@ unsafe fn dot_body_spans<D: RowDecoder, const M: usize, const DOT_ORDER: bool>(
     let mut acc = [_mm256_setzero_ps(); M];
     let mut i = 0;
     while i < body {
-        let end = body.min(i + D::SCALE_SPAN);
+        let end = body.min(i.saturating_add(D::SCALE_SPAN));
         let mut sums = [_mm256_setzero_ps(); M];
         let mut scale = _mm256_setzero_ps();
         while i < end {
@@ -245,7 +238,7 @@ unsafe fn dot_body_spans<D: RowDecoder, const M: usize, const DOT_ORDER: bool>(
             i += UNIT;
         }
         for (a, t) in acc.iter_mut().zip(sums) {
-            *a = _mm256_fmadd_ps(t, scale, *a);
+            *a = if D::SCALED { _mm256_fmadd_ps(t, scale, *a) } else { _mm256_add_ps(*a, t) };
         }
     }
     acc
