@@ -182,6 +182,43 @@ fn dot_products_pair_every_code_with_its_own_input() {
     }
 }
 
+/// FP8 with a different scale per 128×128 tile, some above 1, which the dot kernels fold into
+/// the activations one row tile at a time: each weight row holds one nonzero code, at an input
+/// that walks all three input tiles, so a product taken with another tile's scale shows as an
+/// exact mismatch. Also through a row-block view that starts inside a tile and ends in the next.
+#[test]
+fn fp8_dot_products_take_each_tiles_scale() {
+    const ROWS: usize = 300;
+    const COLS: usize = 352;
+    let column = |row: usize| (row * 37) % COLS;
+    let mut r = Lcg(11);
+    let mut bytes = vec![0u8; ROWS * COLS];
+    for row in 0..ROWS {
+        let c = r.byte();
+        bytes[row * COLS + column(row)] = if c & 0x7f == 0x7f { 0x3f } else { c };
+    }
+    // 2^-6 ..= 2^4 over the 3×3 tiles.
+    let scales: Vec<f32> = (0..9).map(|i| 2f32.powi((i * 5) % 11 - 6)).collect();
+    let w = WeightMatrix::from_fp8(ROWS, COLS, Bytes::from_vec(bytes), scales).unwrap();
+    for m in [1, 3] {
+        // At most 11 significant bits, so every product with an e4m3 value times a scale is exact.
+        let x: Vec<f32> = (0..m * COLS).map(|i| (1.0 + i as f32 / 1024.0) * 2f32.powi((i % 23) as i32 - 11)).collect();
+        for view in [0..ROWS, 130..260] {
+            let block = w.row_block(view.clone());
+            let got = matmul(&x, m, &block);
+            let mut row = vec![0.0; COLS];
+            for b in 0..block.rows() {
+                block.decode_row_scalar(b, &mut row);
+                let k = column(view.start + b);
+                for i in 0..m {
+                    let want = row[k] * x[i * COLS + k];
+                    assert_eq!(got[i * block.rows() + b], want, "row {} input {k} m={m} view {view:?}", view.start + b);
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn fp4_nibble_order_is_low_first() {
     // Byte 0x71: low nibble 1 (0.5) is input 0, high nibble 7 (6.0) is input 1.

@@ -7,24 +7,28 @@
 //!   value is the e4m3 value times 2^-8 (e4m3 bias 7 vs f16 bias 15; e4m3 subnormals land on f16
 //!   subnormals), which `vcvtph2ps` widens exactly. The 2^8 goes into the block scale (row
 //!   decoding for the GEMMs). Dot products (up to 8 activation rows) decode by shifts and masks
-//!   alone, out of order, each value times 2^-120 (see `x86_decode::fp8x32_ordered`).
+//!   alone, out of order, each value times 2^-120 (see `x86_decode::fp8x32_ordered`), and take
+//!   the 128×128 tile scales on the activations, one row tile at a time (`dot_rows_fp8`).
 //! * FP4 e2m1: every e2m1 value is an f16 whose low byte is zero, so a 16-entry `pshufb` table of
 //!   high bytes decodes a nibble straight to f16. Dot products with one activation row instead
 //!   build each value's bf16 bytes with two lookups, out of order.
 //!
 //! Callers check `is_x86_feature_detected!` once (see `kernels::simd_available`).
 //!
-//! Measured on AMD Zen 1 (2.5 GHz), one activation row, matrix in L2: about 12 (bf16), 13 (FP8)
+//! Measured on AMD Zen 1 (2.5 GHz), one activation row, matrix in L2: about 12 (bf16), 11 (FP8)
 //! and 14 (FP4) cycles per 32 inputs, the same as from memory for FP8 and FP4: they are bound by
-//! the vector operations per value (decode plus multiply-add), not by memory. The FP8 bit-trick
-//! decode turns e4m3 subnormals into f32 subnormals, which cost a microcode assist per
+//! the vector operations per value (decode plus multiply-add), not by memory. On that core 256-bit
+//! shifts run on one port only (one per two cycles, like `vcvtph2ps`), byte shuffles (`vpshufb`,
+//! `vpslldq`, unpacks) on two, logic on four, multiply-adds on two; the FP8 decode is arranged around the shift port
+//! (a second, one-byte-earlier load instead of a shift; `vpslldq` instead of `vpslld`). The FP8
+//! bit-trick decode turns e4m3 subnormals into f32 subnormals, which cost a microcode assist per
 //! multiply-add on that core: no measurable cost at the 1.3e-4 share of subnormal codes in
 //! amax-scaled weights (the golden FP8 checkpoint), 25 % slower than `vcvtph2ps` when 5 % of the
 //! codes are subnormal (uniformly random bytes). Tried and slower on that core: byte→f32 bit
 //! tricks for FP4 (its 0.5 lands on a subnormal), magic-number int→float conversion, `pshufb`
-//! tables building bf16 patterns in input order and, for FP8, out of order, a split multiply-add
-//! chain, and all-128-bit variants. Cores with AVX-512 FP16/BF16 conversions would lift this
-//! bound.
+//! tables building bf16 patterns in input order and, for FP8, out of order, integer multiplies
+//! standing in for the FP8 decode's shifts, and all-128-bit variants. Cores with AVX-512
+//! FP16/BF16 conversions would lift this bound.
 
 use std::arch::x86_64::*;
 
@@ -32,7 +36,7 @@ use super::weight::{FP4_BLOCK, FP8_TILE, WeightData, WeightMatrix};
 pub use super::x86_decode::UNIT;
 use super::x86_decode::{
     BF16_ORDER, FP4_ORDER, FP8_ORDER, bf16x8, bf16x32_ordered, fp4x32, fp4x32_ordered, fp8x16, fp8x32_ordered,
-    permute_blocks,
+    fp8x32_ordered_after, permute_blocks,
 };
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -52,16 +56,9 @@ fn hsum(v: __m256) -> f32 {
 trait RowDecoder {
     /// Whether `unit` returns a scale other than 1.
     const SCALED: bool;
-    /// How many consecutive inputs share one scale (a multiple of `UNIT`).
-    const SCALE_SPAN: usize = usize::MAX;
     /// The order of the inputs in each of `unit_for_dot`'s steps (`None`: input order); the dot
     /// kernels permute the activations to match.
     const DOT_ORDER: Option<&'static [u8; UNIT]> = None;
-    /// What the dot kernels multiply the permuted activations by (a power of two, exact), for
-    /// decoders whose `unit_for_dot` values carry a tiny power-of-two factor.
-    const DOT_INPUT_SCALE: f32 = 1.0;
-    /// Whether products with several activation rows use the dot order too.
-    const DOT_ORDER_BATCHED: bool = false;
     /// The step in input order.
     ///
     /// # Safety
@@ -75,6 +72,15 @@ trait RowDecoder {
     unsafe fn unit_for_dot(&self, i: usize) -> ([__m256; 4], __m256) {
         unsafe { self.unit(i) }
     }
+    /// `unit_for_dot` for a step after the row's first (`i ≥ 32`), whose decoder may read the
+    /// bytes just before the step.
+    ///
+    /// # Safety
+    /// As for `unit`, and `i > 0`.
+    #[inline(always)]
+    unsafe fn unit_for_dot_after(&self, i: usize) -> ([__m256; 4], __m256) {
+        unsafe { self.unit_for_dot(i) }
+    }
 }
 
 struct F32Row(*const f32);
@@ -84,6 +90,9 @@ struct Fp8Row {
     /// Scales of this row's 128×128 tiles (`unit` adds the 2^8 of `fp8x16`).
     scales: *const f32,
 }
+/// FP8 codes without their scales, for dot products whose activations carry the tile scales
+/// (see [`dot_rows_fp8`]). Values come out times 2^-120 in either order.
+struct Fp8CodesRow(*const u8);
 struct Fp4Row {
     codes: *const u8,
     scales: *const u8,
@@ -119,26 +128,17 @@ impl RowDecoder for Bf16Row {
 }
 
 /// `fp8x32_ordered` yields each value times 2^-120; the activations are taken times 2^64, so the
-/// products stay clear of f32 subnormals (exact for |x| < 2^64 and |w·x| ≥ 2^-70), and the scale
-/// restores the remaining 2^56.
+/// products stay clear of f32 subnormals (exact for |x| < 2^64 and |w·x| ≥ 2^-70 at the tile's
+/// largest scale), and the results are multiplied by the remaining 2^56.
 const FP8_DOT_INPUT_EXP: i32 = 64;
 
-/// 2^e for a normal exponent.
+/// 2^e for a normal exponent (-126..=127).
 const fn pow2(e: i32) -> f32 {
     f32::from_bits(((127 + e) as u32) << 23)
 }
 
 impl RowDecoder for Fp8Row {
     const SCALED: bool = true;
-    const SCALE_SPAN: usize = FP8_TILE;
-    const DOT_ORDER: Option<&'static [u8; UNIT]> = Some(&FP8_ORDER);
-    const DOT_INPUT_SCALE: f32 = pow2(FP8_DOT_INPUT_EXP);
-    const DOT_ORDER_BATCHED: bool = true;
-    #[inline(always)]
-    unsafe fn unit_for_dot(&self, i: usize) -> ([__m256; 4], __m256) {
-        const RESTORE: f32 = pow2(120 - FP8_DOT_INPUT_EXP);
-        unsafe { (fp8x32_ordered(self.codes.add(i)), _mm256_set1_ps(*self.scales.add(i / FP8_TILE) * RESTORE)) }
-    }
     #[inline(always)]
     unsafe fn unit(&self, i: usize) -> ([__m256; 4], __m256) {
         unsafe {
@@ -146,6 +146,32 @@ impl RowDecoder for Fp8Row {
             let (a, b) = fp8x16(p);
             let (c, d) = fp8x16(p.add(16));
             ([a, b, c, d], _mm256_set1_ps(*self.scales.add(i / FP8_TILE) * 256.0))
+        }
+    }
+}
+
+impl RowDecoder for Fp8CodesRow {
+    const SCALED: bool = false;
+    const DOT_ORDER: Option<&'static [u8; UNIT]> = Some(&FP8_ORDER);
+    #[inline(always)]
+    unsafe fn unit_for_dot(&self, i: usize) -> ([__m256; 4], __m256) {
+        unsafe { (fp8x32_ordered(self.0.add(i)), _mm256_set1_ps(1.0)) }
+    }
+    #[inline(always)]
+    unsafe fn unit_for_dot_after(&self, i: usize) -> ([__m256; 4], __m256) {
+        // The byte before a later step is this row's own.
+        unsafe { (fp8x32_ordered_after(self.0.add(i)), _mm256_set1_ps(1.0)) }
+    }
+    /// Input order (unused by the dot kernels, which take the dot order): `fp8x16`'s 2^-8 times
+    /// 2^-112, the same factor as the dot order's.
+    #[inline(always)]
+    unsafe fn unit(&self, i: usize) -> ([__m256; 4], __m256) {
+        const TO_DOT_FACTOR: f32 = pow2(-112);
+        unsafe {
+            let p = self.0.add(i);
+            let (a, b) = fp8x16(p);
+            let (c, d) = fp8x16(p.add(16));
+            ([a, b, c, d].map(|v| _mm256_mul_ps(v, _mm256_set1_ps(TO_DOT_FACTOR))), _mm256_set1_ps(1.0))
         }
     }
 }
@@ -160,7 +186,6 @@ impl Fp4Row {
 
 impl RowDecoder for Fp4Row {
     const SCALED: bool = true;
-    const SCALE_SPAN: usize = FP4_BLOCK;
     const DOT_ORDER: Option<&'static [u8; UNIT]> = Some(&FP4_ORDER);
     #[inline(always)]
     unsafe fn unit(&self, i: usize) -> ([__m256; 4], __m256) {
@@ -182,17 +207,14 @@ unsafe fn dot_body<D: RowDecoder, const M: usize, const DOT_ORDER: bool>(
     x: *const f32,
     x_stride: usize,
 ) -> [__m256; M] {
-    // Span sums pay off once the rows' chains hide the multiply-add latency (3+ rows), while the
-    // sums fit the registers next to the accumulators (scaled formats: up to 4 rows; unscaled
-    // ones need no accumulators besides the sums).
-    let spans = if D::SCALED { (3..=4).contains(&M) } else { M >= 4 };
-    if D::SCALE_SPAN > UNIT && spans {
-        return unsafe { dot_body_spans::<D, M, DOT_ORDER>(d, body, x, x_stride) };
+    // One sum over the whole row pays off once the rows' chains hide the multiply-add latency.
+    if !D::SCALED && M >= 3 {
+        return unsafe { dot_body_unscaled::<D, M, DOT_ORDER>(d, body, x, x_stride) };
     }
     let mut acc = [_mm256_setzero_ps(); M];
     let mut i = 0;
     while i < body {
-        let (wv, scale) = unsafe { if DOT_ORDER { d.unit_for_dot(i) } else { d.unit(i) } };
+        let (wv, scale) = unsafe { row_step::<D, DOT_ORDER>(d, i) };
         for (m, a) in acc.iter_mut().enumerate() {
             // One short chain per unit keeps the loop-carried dependency to a single add/FMA.
             unsafe {
@@ -209,39 +231,47 @@ unsafe fn dot_body<D: RowDecoder, const M: usize, const DOT_ORDER: bool>(
     acc
 }
 
-/// [`dot_body`] for formats whose steps share a scale (FP8's 128-input tiles; bf16, whose scale
-/// is 1, over the whole row): each span's products are summed first and scaled once, as in
-/// [`dot4_body_spans`]. In cache, one thread: FP8 +7 % at 3 rows and +16 % at 4, bf16 +12-16 %
-/// at 4 and 8 rows; at 2 rows the chains are too few to hide the multiply-add latency, and FP8's
-/// sums next to its accumulators exceed the 16 vector registers past 4 rows.
+/// [`dot_body`] for unscaled steps (f32, bf16, and FP8 codes whose scales ride on the
+/// activations): one sum per activation row over the whole row, with no add per step. In cache,
+/// one thread: bf16 +12-16 % at 4 and 8 rows and +2 % at 3; at 2 rows the chains are too few to
+/// hide the multiply-add latency.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_body_spans<D: RowDecoder, const M: usize, const DOT_ORDER: bool>(
+unsafe fn dot_body_unscaled<D: RowDecoder, const M: usize, const DOT_ORDER: bool>(
     d: &D,
     body: usize,
     x: *const f32,
     x_stride: usize,
 ) -> [__m256; M] {
-    let mut acc = [_mm256_setzero_ps(); M];
+    let mut sums = [_mm256_setzero_ps(); M];
     let mut i = 0;
     while i < body {
-        let end = body.min(i.saturating_add(D::SCALE_SPAN));
-        let mut sums = [_mm256_setzero_ps(); M];
-        let mut scale = _mm256_setzero_ps();
-        while i < end {
-            let (wv, s) = unsafe { if DOT_ORDER { d.unit_for_dot(i) } else { d.unit(i) } };
-            for (m, t) in sums.iter_mut().enumerate() {
-                for (j, w) in wv.iter().enumerate() {
-                    *t = _mm256_fmadd_ps(*w, unsafe { _mm256_loadu_ps(x.add(m * x_stride + i + 8 * j)) }, *t);
-                }
+        let (wv, _) = unsafe { row_step::<D, DOT_ORDER>(d, i) };
+        for (m, t) in sums.iter_mut().enumerate() {
+            for (j, w) in wv.iter().enumerate() {
+                *t = _mm256_fmadd_ps(*w, unsafe { _mm256_loadu_ps(x.add(m * x_stride + i + 8 * j)) }, *t);
             }
-            scale = s;
-            i += UNIT;
         }
-        for (a, t) in acc.iter_mut().zip(sums) {
-            *a = if D::SCALED { _mm256_fmadd_ps(t, scale, *a) } else { _mm256_add_ps(*a, t) };
+        i += UNIT;
+    }
+    sums
+}
+
+/// Step `i` of a row: in the format's dot order when `DOT_ORDER` (after the row's first step
+/// through `unit_for_dot_after`), else in input order.
+///
+/// # Safety
+/// As for [`RowDecoder::unit`].
+#[inline(always)]
+unsafe fn row_step<D: RowDecoder, const DOT_ORDER: bool>(d: &D, i: usize) -> ([__m256; 4], __m256) {
+    unsafe {
+        if !DOT_ORDER {
+            d.unit(i)
+        } else if i == 0 {
+            d.unit_for_dot(i)
+        } else {
+            d.unit_for_dot_after(i)
         }
     }
-    acc
 }
 
 /// Horizontal sums of eight vectors at once (a transpose-and-add tree): per row this costs about
@@ -289,6 +319,7 @@ struct Fp8Rows {
     cols: usize,
     row0: usize,
 }
+struct Fp8CodesRows(*const u8, usize);
 struct Fp4Rows {
     codes: *const u8,
     scales: *const u8,
@@ -318,6 +349,13 @@ impl RowSource for Fp8Rows {
             codes: self.codes.wrapping_add(r * self.cols),
             scales: self.scales.wrapping_add(((r + self.row0) / FP8_TILE) * tiles),
         }
+    }
+}
+impl RowSource for Fp8CodesRows {
+    type Row = Fp8CodesRow;
+    #[inline(always)]
+    fn row(&self, r: usize) -> Fp8CodesRow {
+        Fp8CodesRow(self.0.wrapping_add(r * self.1))
     }
 }
 impl RowSource for Fp4Rows {
@@ -360,8 +398,8 @@ macro_rules! with_source {
 /// Four rows against one activation row, the activation chunk loaded once for the four.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot4_body<D: RowDecoder>(rows: [&D; 4], body: usize, x: *const f32) -> [__m256; 4] {
-    if D::SCALE_SPAN > UNIT {
-        return unsafe { dot4_body_spans(rows, body, x) };
+    if !D::SCALED {
+        return unsafe { dot4_body_unscaled(rows, body, x) };
     }
     let mut acc = [_mm256_setzero_ps(); 4];
     let mut i = 0;
@@ -382,36 +420,46 @@ unsafe fn dot4_body<D: RowDecoder>(rows: [&D; 4], body: usize, x: *const f32) ->
     acc
 }
 
-/// [`dot4_body`] for formats whose steps share a scale (`SCALE_SPAN`: FP8's 128-input tiles;
-/// bf16, whose scale is 1): the products of a span are summed first and scaled once, one
-/// multiply-add per span instead of per step (+5–10 % for bf16 and FP8 in cache; with FP4's
-/// scale per step the single chain measured ~4 % slower than `dot4_body`'s short ones).
+/// [`dot4_body`] for unscaled steps: each row's products go into two sums (a step's even and
+/// odd vectors) over the whole row, with no add per step (two chains: +4 % for FP8 in cache
+/// against one).
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot4_body_spans<D: RowDecoder>(rows: [&D; 4], body: usize, x: *const f32) -> [__m256; 4] {
-    let mut acc = [_mm256_setzero_ps(); 4];
+unsafe fn dot4_body_unscaled<D: RowDecoder>(rows: [&D; 4], body: usize, x: *const f32) -> [__m256; 4] {
+    let mut sums = [[_mm256_setzero_ps(); 2]; 4];
     let mut i = 0;
     while i < body {
-        let end = body.min(i.saturating_add(D::SCALE_SPAN));
-        let mut sums = [_mm256_setzero_ps(); 4];
-        let mut scales = [_mm256_setzero_ps(); 4];
-        while i < end {
-            unsafe {
-                let xv = load_x(x.add(i));
-                for ((d, t), s) in rows.iter().zip(sums.iter_mut()).zip(scales.iter_mut()) {
-                    let (wv, scale) = d.unit_for_dot(i);
-                    for (w, xk) in wv.iter().zip(&xv) {
-                        *t = _mm256_fmadd_ps(*w, *xk, *t);
-                    }
-                    *s = scale;
-                }
+        // Branching here rather than per row lets the compiler peel the first step off the loop.
+        unsafe {
+            if i == 0 {
+                dot4_step::<D, false>(rows, i, x, &mut sums)
+            } else {
+                dot4_step::<D, true>(rows, i, x, &mut sums)
             }
-            i += UNIT;
         }
-        for ((a, t), s) in acc.iter_mut().zip(sums).zip(scales) {
-            *a = if D::SCALED { _mm256_fmadd_ps(t, s, *a) } else { _mm256_add_ps(*a, t) };
+        i += UNIT;
+    }
+    sums.map(|[a, b]| _mm256_add_ps(a, b))
+}
+
+/// One step of [`dot4_body_unscaled`]. `AFTER`: the step is not the rows' first.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dot4_step<D: RowDecoder, const AFTER: bool>(
+    rows: [&D; 4],
+    i: usize,
+    x: *const f32,
+    sums: &mut [[__m256; 2]; 4],
+) {
+    unsafe {
+        let xv = load_x(x.add(i));
+        for (d, [even, odd]) in rows.iter().zip(sums.iter_mut()) {
+            let (wv, _) = if AFTER { d.unit_for_dot_after(i) } else { d.unit_for_dot(i) };
+            *even = _mm256_fmadd_ps(wv[0], xv[0], *even);
+            *odd = _mm256_fmadd_ps(wv[1], xv[1], *odd);
+            *even = _mm256_fmadd_ps(wv[2], xv[2], *even);
+            *odd = _mm256_fmadd_ps(wv[3], xv[3], *odd);
         }
     }
-    acc
 }
 
 /// One step's 32 activations.
@@ -509,15 +557,19 @@ pub unsafe fn dot_rows<const M: usize>(
 ) {
     let body = w.cols - w.cols % UNIT;
     assert!(x.len() >= (M - 1) * x_stride + w.cols && out_t.len() >= rows.len() * M && rows.end <= w.rows);
+    if let WeightData::Fp8 { codes, scales, row0 } = &w.data {
+        let tiles = Fp8Tiles { scales, cols: w.cols, row0: *row0 };
+        let src = Fp8CodesRows(codes.as_slice().as_ptr(), w.cols);
+        return unsafe { dot_rows_fp8::<M>(&src, &tiles, rows, body, x, x_stride, out_t) };
+    }
     with_source!(w, |src| unsafe { dot_rows_of::<_, M>(&src, rows, body, x, x_stride, out_t) })
 }
 
-/// [`dot_rows`] for one row source. One activation row (decode at batch 1, memory-bound): in the
-/// format's dot order, the activations permuted first (once per call; a call covers a thread's
-/// whole share of the rows). Several rows: in input order for bf16 and FP4, whose out-of-order
-/// decoders measured no faster or slower there (the multiply-adds dominate; register pressure);
-/// FP8's is cheaper by a quarter of the decode and gains there too (in cache, one thread: +27 %
-/// at 2 rows, +10 % at 4, +5 % at 8).
+/// [`dot_rows`] for one row source (FP8 has its own, [`dot_rows_fp8`]). One activation row
+/// (decode at batch 1, memory-bound): in the format's dot order, the activations permuted first
+/// (once per call; a call covers a thread's whole share of the rows). Several rows: in input
+/// order, since bf16's and FP4's out-of-order decoders measured no faster or slower there (the
+/// multiply-adds dominate; register pressure).
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_rows_of<S: RowSource, const M: usize>(
     src: &S,
@@ -528,26 +580,101 @@ unsafe fn dot_rows_of<S: RowSource, const M: usize>(
     out_t: &mut [f32],
 ) {
     let order = match S::Row::DOT_ORDER {
-        Some(order) if M == 1 || S::Row::DOT_ORDER_BATCHED => order,
+        Some(order) if M == 1 => order,
         _ if M > 1 => return unsafe { rows_body::<_, M, false>(src, rows, body, x.as_ptr(), x_stride, out_t) },
         _ => return unsafe { rows_body_single(src, rows, body, x.as_ptr(), out_t) },
     };
-    thread_local! {
-        /// The permuted activations, kept between calls (decode makes many small ones).
-        static PERMUTED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    PERMUTED.with_borrow_mut(|permuted| {
+        permuted.resize(body, 0.0);
+        permute_blocks(&x[..body], order, 1.0, permuted);
+        unsafe { rows_body_single(src, rows, body, permuted.as_ptr(), out_t) }
+    })
+}
+
+thread_local! {
+    /// The permuted activations, kept between calls (decode makes many small ones).
+    static PERMUTED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// [`dot_rows_fp8`]'s activations with one row tile's scales.
+    static TILE_SCALED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The scale tiles of an FP8 matrix (`row0` as in `WeightData::Fp8`).
+struct Fp8Tiles<'a> {
+    scales: &'a [f32],
+    cols: usize,
+    row0: usize,
+}
+
+impl Fp8Tiles<'_> {
+    /// The rows from `r` up to the end of `r`'s 128-row tile (at most `end`), and that tile's
+    /// scales along the inputs.
+    fn tile_of(&self, r: usize, end: usize) -> (std::ops::Range<usize>, &[f32]) {
+        let tile = (r + self.row0) / FP8_TILE;
+        let per_row = self.cols.div_ceil(FP8_TILE);
+        (r..end.min((tile + 1) * FP8_TILE - self.row0), &self.scales[tile * per_row..(tile + 1) * per_row])
+    }
+}
+
+/// [`dot_rows`] for FP8: the tile scales ride on the activations instead of being applied inside
+/// the loop. For each 128-row tile the rows cross, the permuted activations are multiplied by that
+/// tile's scales, one per 128 inputs, relative to the tile's largest (so they stay below 2^64 as
+/// before and cannot overflow); the products then need no scaling, and each row is one chain of
+/// multiply-adds (at one activation row +7 % against scaling each tile's sum, and two chains per
+/// row, which that leaves the registers for, another +4 %). Since the scales are powers of two,
+/// each product is the one the scaled decode would give.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_rows_fp8<const M: usize>(
+    src: &Fp8CodesRows,
+    tiles: &Fp8Tiles,
+    rows: std::ops::Range<usize>,
+    body: usize,
+    x: &[f32],
+    x_stride: usize,
+    out_t: &mut [f32],
+) {
+    if body == 0 {
+        return out_t[..rows.len() * M].fill(0.0);
     }
     PERMUTED.with_borrow_mut(|permuted| {
-        permuted.resize(M * body, 0.0);
-        for m in 0..M {
-            let out = &mut permuted[m * body..(m + 1) * body];
-            permute_blocks(&x[m * x_stride..m * x_stride + body], order, S::Row::DOT_INPUT_SCALE, out);
-        }
-        if M > 1 {
-            unsafe { rows_body::<_, M, true>(src, rows, body, permuted.as_ptr(), body, out_t) }
-        } else {
-            unsafe { rows_body_single(src, rows, body, permuted.as_ptr(), out_t) }
-        }
+        TILE_SCALED.with_borrow_mut(|scaled| {
+            permuted.resize(M * body, 0.0);
+            scaled.resize(M * body, 0.0);
+            for m in 0..M {
+                let input = &x[m * x_stride..m * x_stride + body];
+                permute_blocks(input, &FP8_ORDER, pow2(FP8_DOT_INPUT_EXP), &mut permuted[m * body..(m + 1) * body]);
+            }
+            let mut r = rows.start;
+            while r < rows.end {
+                let (tile_rows, scales) = tiles.tile_of(r, rows.end);
+                let top = scales[..body.div_ceil(FP8_TILE)].iter().map(|s| exponent(*s)).max().unwrap_or(0);
+                for (out, input) in scaled.chunks_exact_mut(body).zip(permuted.chunks_exact(body)) {
+                    for ((o, i), s) in out.chunks_mut(FP8_TILE).zip(input.chunks(FP8_TILE)).zip(scales) {
+                        let s = s * pow2(-top);
+                        for (o, i) in o.iter_mut().zip(i) {
+                            *o = i * s;
+                        }
+                    }
+                }
+                let out = &mut out_t[(r - rows.start) * M..(tile_rows.end - rows.start) * M];
+                if M > 1 {
+                    unsafe { rows_body::<_, M, true>(src, tile_rows.clone(), body, scaled.as_ptr(), body, out) }
+                } else {
+                    unsafe { rows_body_single(src, tile_rows.clone(), body, scaled.as_ptr(), out) }
+                }
+                // The decode's 2^-120 against the activations' 2^64, and the tile's largest scale.
+                let restore = (pow2(120 - FP8_DOT_INPUT_EXP), pow2(top));
+                for o in out.iter_mut() {
+                    *o = *o * restore.0 * restore.1;
+                }
+                r = tile_rows.end;
+            }
+        })
     })
+}
+
+/// The power of two of a UE8M0 scale, kept where [`pow2`] of it and of its negation are normal.
+fn exponent(scale: f32) -> i32 {
+    (((scale.to_bits() >> 23) & 0xff) as i32 - 127).clamp(-126, 126)
 }
 
 /// Decodes `row` into `out` (`cols` floats).
