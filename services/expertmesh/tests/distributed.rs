@@ -116,12 +116,12 @@ fn uneven_shards_over_grpc_equal_the_in_process_engine() {
     let shards = register(&rt, &reg, &[(&a, (0..3).collect()), (&b, (3..10).collect()), (&c, (10..16).collect())]);
     let p = prompt(1, 40);
 
-    let (reference, ref_tokens) = logits(&r, &*r.experts, &p);
-
     // f32 on the wire (one RPC per call): only the order of adding the shards' partial sums differs from the
     // in-process sum (f32 rounding, ~1e-7 relative per addition), amplified through 8 layers.
-    let f32_remote = remote(&rt, &reg, WireDType::F32, false, &r);
-    let (got, tokens) = logits(&r, &f32_remote, &p);
+    let exact = Reference::without_quant_sims();
+    let (reference, ref_tokens) = logits(&exact, &*exact.experts, &p);
+    let f32_remote = remote(&rt, &reg, WireDType::F32, false, &exact);
+    let (got, tokens) = logits(&exact, &f32_remote, &p);
     let diff = max_abs_diff(&got, &reference);
     eprintln!("f32 wire: max |Δlogit| = {diff:.3e} (max |logit| {:.3})", max_abs(&reference));
     assert_eq!(tokens, ref_tokens);
@@ -188,6 +188,11 @@ fn overlapping_replicas_give_the_same_result() {
     let (reference, ref_tokens) = logits(&r, &*r.experts, &p);
     let f32_remote = remote(&rt, &reg, WireDType::F32, true, &r);
     let (got, tokens) = logits(&r, &f32_remote, &p);
+    eprintln!(
+        "f32 wire: max |Δlogit| = {:.3e} (max |logit| {:.3})",
+        max_abs_diff(&got, &reference),
+        max_abs(&reference)
+    );
     assert_eq!(tokens, ref_tokens);
     assert!(max_abs_diff(&got, &reference) <= 1e-4 * max_abs(&reference));
     assert_eq!(f32_remote.stats.retries.load(Ordering::Relaxed), 0);

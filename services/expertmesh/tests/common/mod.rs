@@ -10,6 +10,7 @@ use expertmesh_model::checkpoint::{Checkpoint, InitDtype, in_memory};
 use expertmesh_model::engine::{
     ExpertBackend, ExpertSelection, ExpertStore, LoadOptions, LocalExperts, Model, NO_EXPERT, Step,
 };
+use expertmesh_model::layers::QuantSim;
 use expertmesh_model::layers::router::Routes;
 use expertmesh_proto::v1::engine_service_client::EngineServiceClient;
 use expertmesh_proto::v1::generate_event::Event;
@@ -179,8 +180,21 @@ impl Reference {
         Self::load(checkpoint())
     }
 
+    /// [`Self::new`] without the official code's quantisation simulations (FP8 KV, FP4 indexer,
+    /// FP8 activations). With them, a last-bit difference (e.g. the order of a sum) can move a
+    /// value across a rounding boundary and grow from there, so comparisons that expect the
+    /// order of summation to be the only difference use this. (The workers' checkpoint is bf16,
+    /// so their experts run no simulation either way.)
+    pub fn without_quant_sims() -> Self {
+        Self::load_with(checkpoint(), QuantSim::off())
+    }
+
     fn load(ckpt: Checkpoint) -> Self {
-        let opts = LoadOptions { mtp: false, ..LoadOptions::default() };
+        Self::load_with(ckpt, LoadOptions::default().sim)
+    }
+
+    fn load_with(ckpt: Checkpoint, sim: QuantSim) -> Self {
+        let opts = LoadOptions { mtp: false, sim };
         let experts = Arc::new(ExpertStore::load(&ckpt, &ExpertSelection::all(), opts.sim).unwrap());
         Reference {
             model: Model::load(&ckpt, opts).unwrap(),
