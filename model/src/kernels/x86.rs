@@ -38,6 +38,7 @@ use super::x86_decode::{
     BF16_ORDER, FP4_ORDER, FP8_ORDER, bf16x8, bf16x32_ordered, fp4x32, fp4x32_ordered, fp8x16, fp8x32_ordered,
     fp8x32_ordered_after, permute_blocks,
 };
+use crate::numerics::minifloat::pow2;
 
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
@@ -131,11 +132,6 @@ impl RowDecoder for Bf16Row {
 /// products stay clear of f32 subnormals (exact for |x| < 2^64 and |w·x| ≥ 2^-70 at the tile's
 /// largest scale), and the results are multiplied by the remaining 2^56.
 const FP8_DOT_INPUT_EXP: i32 = 64;
-
-/// 2^e for a normal exponent (-126..=127).
-const fn pow2(e: i32) -> f32 {
-    f32::from_bits(((127 + e) as u32) << 23)
-}
 
 impl RowDecoder for Fp8Row {
     const SCALED: bool = true;

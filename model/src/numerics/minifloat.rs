@@ -52,8 +52,8 @@ fn exponent_of(a: f32) -> i32 {
 
 /// 2^e as f32 for e in the normal range (-126..=127), built from the exponent bits.
 #[inline]
-pub fn pow2(e: i32) -> f32 {
-    debug_assert!((-126..=127).contains(&e), "pow2 exponent {e} out of range");
+pub const fn pow2(e: i32) -> f32 {
+    debug_assert!(-126 <= e && e <= 127, "pow2 exponent out of range");
     f32::from_bits(((e + 127) as u32) << 23)
 }
 
