@@ -39,6 +39,24 @@ impl Bytes {
         self.len == 0
     }
 
+    /// Whether the owner holds a byte just before this view, so that reading `as_slice()`'s
+    /// pointer minus one stays inside the owner (the FP8 dot kernels load from there).
+    pub fn has_byte_before(&self) -> bool {
+        self.start > 0
+    }
+
+    /// The same bytes, copied after one padding byte unless the owner already holds a byte before
+    /// them (views of a memory-mapped checkpoint do: the header comes first).
+    pub fn with_byte_before(self) -> Bytes {
+        if self.has_byte_before() {
+            return self;
+        }
+        let mut padded = Vec::with_capacity(self.len + 1);
+        padded.push(0);
+        padded.extend_from_slice(self.as_slice());
+        Bytes::new(Arc::new(padded), 1..self.len + 1)
+    }
+
     /// A sub-view (relative to this view).
     pub fn slice(&self, range: Range<usize>) -> Bytes {
         assert!(range.end <= self.len, "slice {range:?} outside {}", self.len);

@@ -219,6 +219,39 @@ fn fp8_dot_products_take_each_tiles_scale() {
     }
 }
 
+/// The FP8 dot kernels load each 32-code step from one byte early too. `from_fp8` keeps a byte
+/// before codes that start their owner (copying them after a padding byte) and keeps views that
+/// have one as they are; whatever that byte holds, the products are the same.
+#[test]
+fn fp8_codes_keep_a_byte_before_that_never_counts() {
+    const ROWS: usize = 16;
+    const COLS: usize = 128;
+    let codes = |w: &WeightMatrix| match &w.data {
+        weight::WeightData::Fp8 { codes, .. } => codes.clone(),
+        _ => unreachable!(),
+    };
+    let mut r = Lcg(5);
+    let own: Vec<u8> = (0..ROWS * COLS).map(|_| r.byte()).map(|b| if b & 0x7f == 0x7f { 0x3f } else { b }).collect();
+    let scales = vec![1.0; COLS.div_ceil(128)];
+    let x: Vec<f32> = (0..COLS).map(|_| r.f()).collect();
+
+    let copied = WeightMatrix::from_fp8(ROWS, COLS, Bytes::from_vec(own.clone()), scales.clone()).unwrap();
+    assert!(codes(&copied).has_byte_before());
+    assert_eq!(codes(&copied).as_slice(), &own[..]);
+
+    let mut products = Vec::new();
+    for before in [0x00u8, 0xff, 0x7f] {
+        let owner = std::sync::Arc::new([vec![before], own.clone()].concat());
+        let view = Bytes::new(owner, 1..1 + own.len());
+        let start = view.as_slice().as_ptr();
+        let w = WeightMatrix::from_fp8(ROWS, COLS, view, scales.clone()).unwrap();
+        assert_eq!(codes(&w).as_slice().as_ptr(), start, "a view with a byte before is not copied");
+        products.push(matmul(&x, 1, &w));
+    }
+    assert_eq!(products[0], matmul(&x, 1, &copied));
+    assert!(products.iter().all(|p| *p == products[0]), "the byte before the codes changed a product");
+}
+
 #[test]
 fn fp4_nibble_order_is_low_first() {
     // Byte 0x71: low nibble 1 (0.5) is input 0, high nibble 7 (6.0) is input 1.

@@ -36,6 +36,8 @@ pub(crate) enum WeightData {
     Bf16(Bytes),
     /// Scales decoded to f32, `[ceil(rows/128), ceil(cols/128)]` (1/16384 of the weight bytes).
     /// `row0` is the first row's offset inside its 128-row tile (non-zero for row-block views).
+    /// The codes' owner always holds one byte before them: the dot kernels load each 32-code step
+    /// from one byte early too (see `x86_decode::fp8x32_ordered`).
     Fp8 {
         codes: Bytes,
         scales: Vec<f32>,
@@ -83,9 +85,12 @@ impl WeightMatrix {
     }
 
     /// e4m3 codes `[rows, cols]` and the decoded block scales `[ceil(rows/128), ceil(cols/128)]`.
+    /// Codes at the very start of their owner (a `Vec`, not a checkpoint's mapping) are copied
+    /// after a padding byte: see `WeightData::Fp8`.
     pub fn from_fp8(rows: usize, cols: usize, codes: Bytes, scales: Vec<f32>) -> Result<Self, String> {
         check_len("fp8 weight", codes.len(), bytes_of(rows, cols, 1))?;
         check_len("fp8 scale", scales.len() * 4, bytes_of(rows.div_ceil(FP8_TILE), cols.div_ceil(FP8_TILE), 4))?;
+        let codes = codes.with_byte_before();
         Ok(WeightMatrix { rows, cols, data: WeightData::Fp8 { codes, scales, row0: 0 } })
     }
 

@@ -15,9 +15,9 @@
 //!
 //! Callers check `is_x86_feature_detected!` once (see `kernels::simd_available`).
 //!
-//! Measured on AMD Zen 1 (2.5 GHz), one activation row, matrix in L2: about 12 (bf16), 11 (FP8)
-//! and 14 (FP4) cycles per 32 inputs, the same as from memory for FP8 and FP4: they are bound by
-//! the vector operations per value (decode plus multiply-add), not by memory. On that core 256-bit
+//! Measured on AMD Zen 1 (2.5 GHz), one activation row, one thread, a 2.6 MiB matrix in cache:
+//! about 7 (bf16), 9 (FP8) and 15.5 (FP4) cycles per 32 inputs; FP8 and FP4 no faster than from
+//! memory: they are bound by the vector operations per value (decode plus multiply-add). On that core 256-bit
 //! shifts run on one port only (one per two cycles, like `vcvtph2ps`), byte shuffles (`vpshufb`,
 //! `vpslldq`, unpacks) on two, logic on four, multiply-adds on two; the FP8 decode is arranged around the shift port
 //! (a second, one-byte-earlier load instead of a shift; `vpslldq` instead of `vpslld`). The FP8
@@ -36,7 +36,7 @@ use super::weight::{FP4_BLOCK, FP8_TILE, WeightData, WeightMatrix};
 pub use super::x86_decode::UNIT;
 use super::x86_decode::{
     BF16_ORDER, FP4_ORDER, FP8_ORDER, bf16x8, bf16x32_ordered, fp4x32, fp4x32_ordered, fp8x16, fp8x32_ordered,
-    fp8x32_ordered_after, permute_blocks,
+    permute_blocks,
 };
 use crate::numerics::minifloat::pow2;
 
@@ -72,15 +72,6 @@ trait RowDecoder {
     #[inline(always)]
     unsafe fn unit_for_dot(&self, i: usize) -> ([__m256; 4], __m256) {
         unsafe { self.unit(i) }
-    }
-    /// `unit_for_dot` for a step after the row's first (`i ≥ 32`), whose decoder may read the
-    /// bytes just before the step.
-    ///
-    /// # Safety
-    /// As for `unit`, and `i > 0`.
-    #[inline(always)]
-    unsafe fn unit_for_dot_after(&self, i: usize) -> ([__m256; 4], __m256) {
-        unsafe { self.unit_for_dot(i) }
     }
 }
 
@@ -151,12 +142,8 @@ impl RowDecoder for Fp8CodesRow {
     const DOT_ORDER: Option<&'static [u8; UNIT]> = Some(&FP8_ORDER);
     #[inline(always)]
     unsafe fn unit_for_dot(&self, i: usize) -> ([__m256; 4], __m256) {
+        // The byte before the step: the row's own, the previous row's, or the one `from_fp8` keeps.
         unsafe { (fp8x32_ordered(self.0.add(i)), _mm256_set1_ps(1.0)) }
-    }
-    #[inline(always)]
-    unsafe fn unit_for_dot_after(&self, i: usize) -> ([__m256; 4], __m256) {
-        // The byte before a later step is this row's own.
-        unsafe { (fp8x32_ordered_after(self.0.add(i)), _mm256_set1_ps(1.0)) }
     }
     /// Input order (unused by the dot kernels, which take the dot order): `fp8x16`'s 2^-8 times
     /// 2^-112, the same factor as the dot order's.
@@ -210,7 +197,7 @@ unsafe fn dot_body<D: RowDecoder, const M: usize, const DOT_ORDER: bool>(
     let mut acc = [_mm256_setzero_ps(); M];
     let mut i = 0;
     while i < body {
-        let (wv, scale) = unsafe { row_step::<D, DOT_ORDER>(d, i) };
+        let (wv, scale) = unsafe { if DOT_ORDER { d.unit_for_dot(i) } else { d.unit(i) } };
         for (m, a) in acc.iter_mut().enumerate() {
             // One short chain per unit keeps the loop-carried dependency to a single add/FMA.
             unsafe {
@@ -241,7 +228,7 @@ unsafe fn dot_body_unscaled<D: RowDecoder, const M: usize, const DOT_ORDER: bool
     let mut sums = [_mm256_setzero_ps(); M];
     let mut i = 0;
     while i < body {
-        let (wv, _) = unsafe { row_step::<D, DOT_ORDER>(d, i) };
+        let (wv, _) = unsafe { if DOT_ORDER { d.unit_for_dot(i) } else { d.unit(i) } };
         for (m, t) in sums.iter_mut().enumerate() {
             for (j, w) in wv.iter().enumerate() {
                 *t = _mm256_fmadd_ps(*w, unsafe { _mm256_loadu_ps(x.add(m * x_stride + i + 8 * j)) }, *t);
@@ -250,24 +237,6 @@ unsafe fn dot_body_unscaled<D: RowDecoder, const M: usize, const DOT_ORDER: bool
         i += UNIT;
     }
     sums
-}
-
-/// Step `i` of a row: in the format's dot order when `DOT_ORDER` (after the row's first step
-/// through `unit_for_dot_after`), else in input order.
-///
-/// # Safety
-/// As for [`RowDecoder::unit`].
-#[inline(always)]
-unsafe fn row_step<D: RowDecoder, const DOT_ORDER: bool>(d: &D, i: usize) -> ([__m256; 4], __m256) {
-    unsafe {
-        if !DOT_ORDER {
-            d.unit(i)
-        } else if i == 0 {
-            d.unit_for_dot(i)
-        } else {
-            d.unit_for_dot_after(i)
-        }
-    }
 }
 
 /// Horizontal sums of eight vectors at once (a transpose-and-add tree): per row this costs about
@@ -418,18 +387,21 @@ unsafe fn dot4_body<D: RowDecoder>(rows: [&D; 4], body: usize, x: *const f32) ->
 
 /// [`dot4_body`] for unscaled steps: each row's products go into two sums (a step's even and
 /// odd vectors) over the whole row, with no add per step (two chains: +4 % for FP8 in cache
-/// against one).
+/// against one). The activations are memory operands of the multiply-adds ([`fmadd_from`]),
+/// which leaves the registers to the eight sums and the decode.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot4_body_unscaled<D: RowDecoder>(rows: [&D; 4], body: usize, x: *const f32) -> [__m256; 4] {
     let mut sums = [[_mm256_setzero_ps(); 2]; 4];
     let mut i = 0;
     while i < body {
-        // Branching here rather than per row lets the compiler peel the first step off the loop.
-        unsafe {
-            if i == 0 {
-                dot4_step::<D, false>(rows, i, x, &mut sums)
-            } else {
-                dot4_step::<D, true>(rows, i, x, &mut sums)
+        for (d, [even, odd]) in rows.iter().zip(sums.iter_mut()) {
+            unsafe {
+                let (wv, _) = d.unit_for_dot(i);
+                let xi = x.add(i);
+                *even = fmadd_from::<0>(wv[0], xi, *even);
+                *odd = fmadd_from::<32>(wv[1], xi, *odd);
+                *even = fmadd_from::<64>(wv[2], xi, *even);
+                *odd = fmadd_from::<96>(wv[3], xi, *odd);
             }
         }
         i += UNIT;
@@ -437,25 +409,23 @@ unsafe fn dot4_body_unscaled<D: RowDecoder>(rows: [&D; 4], body: usize, x: *cons
     sums.map(|[a, b]| _mm256_add_ps(a, b))
 }
 
-/// One step of [`dot4_body_unscaled`]. `AFTER`: the step is not the rows' first.
-#[target_feature(enable = "avx2,fma,f16c")]
+/// `acc + w · x[OFFSET / 4 ..][..8]`, with the activations as the instruction's memory operand.
+/// Written as assembly because LLVM loads a step's activations once into registers for all four
+/// rows, and with the eight sums and the decode that needs more than the 16 vector registers:
+/// spills and register shuffling, which cost FP8 13 % and bf16 8 % (one thread, in cache, Zen 1).
+/// A load folded into the multiply-add is no extra instruction, and the load ports have room.
+///
+/// # Safety
+/// `x + OFFSET .. x + OFFSET + 32` (bytes) must be readable; FMA must be available.
+#[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn dot4_step<D: RowDecoder, const AFTER: bool>(
-    rows: [&D; 4],
-    i: usize,
-    x: *const f32,
-    sums: &mut [[__m256; 2]; 4],
-) {
+unsafe fn fmadd_from<const OFFSET: usize>(w: __m256, x: *const f32, acc: __m256) -> __m256 {
+    let mut acc = acc;
     unsafe {
-        let xv = load_x(x.add(i));
-        for (d, [even, odd]) in rows.iter().zip(sums.iter_mut()) {
-            let (wv, _) = if AFTER { d.unit_for_dot_after(i) } else { d.unit_for_dot(i) };
-            *even = _mm256_fmadd_ps(wv[0], xv[0], *even);
-            *odd = _mm256_fmadd_ps(wv[1], xv[1], *odd);
-            *even = _mm256_fmadd_ps(wv[2], xv[2], *even);
-            *odd = _mm256_fmadd_ps(wv[3], xv[3], *odd);
-        }
+        std::arch::asm!("vfmadd231ps {acc}, {w}, ymmword ptr [{x} + {offset}]", acc = inout(ymm_reg) acc,
+            w = in(ymm_reg) w, x = in(reg) x, offset = const OFFSET, options(pure, readonly, nostack, preserves_flags));
     }
+    acc
 }
 
 /// One step's 32 activations.

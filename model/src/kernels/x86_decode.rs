@@ -69,34 +69,34 @@ pub const BF16_ORDER: [u8; UNIT] = {
 /// in bit 15 and the exponent and mantissa where a bf16 has them (bits 10..4); a mask clears the
 /// sign copies and the bits below. e4m3 bias 7 vs bf16/f32 bias 127 gives the 2^-120; e4m3
 /// subnormals become f32 subnormals (slow inputs on some cores, rare in amax-scaled weights).
+/// The odd codes are the high bytes of a load at `p`; the even ones those of a second load one
+/// byte earlier, which saves a shift (loads have ports of their own; with [`low_words_up`], +8 %
+/// in cache on Zen 1). The byte before `p` only fills low bytes that the mask clears.
 ///
 /// # Safety
-/// `p` must point to 32 readable bytes; AVX2 must be available.
+/// `p - 1 .. p + 32` must be readable (FP8 weights keep a byte before their codes for the first
+/// step: `WeightMatrix::from_fp8`); AVX2 must be available.
 #[target_feature(enable = "avx2")]
 #[inline]
 pub unsafe fn fp8x32_ordered(p: *const u8) -> [__m256; 4] {
-    let v = unsafe { _mm256_loadu_si256(p as *const __m256i) };
-    fp8_words_to_f32(v, _mm256_slli_epi16::<8>(v))
-}
-
-/// [`fp8x32_ordered`] with one byte shift fewer: the even codes come into the high bytes of the
-/// words from a second load one byte earlier (loads have ports of their own; with
-/// [`low_words_up`], +8 % in cache on Zen 1).
-///
-/// # Safety
-/// `p - 1 .. p + 32` must be readable; AVX2 must be available.
-#[target_feature(enable = "avx2")]
-#[inline]
-pub unsafe fn fp8x32_ordered_after(p: *const u8) -> [__m256; 4] {
-    let (v, shifted) =
+    let (odd, even) =
         unsafe { (_mm256_loadu_si256(p as *const __m256i), _mm256_loadu_si256(p.sub(1) as *const __m256i)) };
-    fp8_words_to_f32(v, shifted)
+    let keep = _mm256_set1_epi32(0x87F0_0000u32 as i32);
+    let odd = _mm256_srai_epi16::<4>(odd);
+    let even = _mm256_srai_epi16::<4>(even);
+    [
+        _mm256_castsi256_ps(_mm256_and_si256(low_words_up(even), keep)),
+        _mm256_castsi256_ps(_mm256_and_si256(low_words_up(odd), keep)),
+        _mm256_castsi256_ps(_mm256_and_si256(even, keep)),
+        _mm256_castsi256_ps(_mm256_and_si256(odd, keep)),
+    ]
 }
 
 /// Each 32-bit lane's low 16 bits moved to its high 16 by a byte shift of each 128-bit half
-/// (`vpslldq`; the low 16 bits receive the lane below's high ones). Written as assembly because
-/// LLVM turns a byte shift whose low bytes are masked off afterwards into `vpslld`, which needs
-/// the one vector-shift port the decode is short of.
+/// (`vpslldq`; the low 16 bits receive the lane below's high ones), which runs on two ports where
+/// a 32-bit shift runs on one. Written as assembly because LLVM turns a byte shift whose low
+/// bytes are masked off afterwards into `vpslld`, which needs the one vector-shift port the
+/// decode is short of.
 #[target_feature(enable = "avx2")]
 #[inline]
 fn low_words_up(v: __m256i) -> __m256i {
@@ -107,23 +107,6 @@ fn low_words_up(v: __m256i) -> __m256i {
             options(pure, nomem, nostack, preserves_flags));
     }
     out
-}
-
-/// The shared tail of the FP8 decoders: `odd` holds the odd codes in the high bytes of its
-/// 16-bit words, `even` the even ones (the low bytes are ignored). Moving low words up uses a
-/// byte shift, which runs on two ports, rather than a 32-bit shift, which runs on one.
-#[target_feature(enable = "avx2")]
-#[inline]
-fn fp8_words_to_f32(odd: __m256i, even: __m256i) -> [__m256; 4] {
-    let keep = _mm256_set1_epi32(0x87F0_0000u32 as i32);
-    let odd = _mm256_srai_epi16::<4>(odd);
-    let even = _mm256_srai_epi16::<4>(even);
-    [
-        _mm256_castsi256_ps(_mm256_and_si256(low_words_up(even), keep)),
-        _mm256_castsi256_ps(_mm256_and_si256(low_words_up(odd), keep)),
-        _mm256_castsi256_ps(_mm256_and_si256(even, keep)),
-        _mm256_castsi256_ps(_mm256_and_si256(odd, keep)),
-    ]
 }
 
 /// Which input of a 32-block each f32 lane of [`fp8x32_ordered`] holds: vector `k` holds byte
