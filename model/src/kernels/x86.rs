@@ -190,8 +190,7 @@ unsafe fn dot_body<D: RowDecoder, const M: usize, const DOT_ORDER: bool>(
     x: *const f32,
     x_stride: usize,
 ) -> [__m256; M] {
-    // One sum over the whole row pays off once the rows' chains hide the multiply-add latency.
-    if !D::SCALED && M >= 3 {
+    if !D::SCALED {
         return unsafe { dot_body_unscaled::<D, M, DOT_ORDER>(d, body, x, x_stride) };
     }
     let mut acc = [_mm256_setzero_ps(); M];
@@ -215,9 +214,10 @@ unsafe fn dot_body<D: RowDecoder, const M: usize, const DOT_ORDER: bool>(
 }
 
 /// [`dot_body`] for unscaled steps (f32, bf16, and FP8 codes whose scales ride on the
-/// activations): one sum per activation row over the whole row, with no add per step. In cache,
-/// one thread: bf16 +12-16 % at 4 and 8 rows and +2 % at 3; at 2 rows the chains are too few to
-/// hide the multiply-add latency.
+/// activations): sums per activation row over the whole row, with no add per step. One sum per
+/// row from 3 rows (in cache, one thread: bf16 +12-16 % at 4 and 8 rows and +2 % at 3); two at
+/// 1 or 2 rows (a step's even and odd vectors), whose chains would otherwise be too few to hide
+/// the multiply-add latency.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_body_unscaled<D: RowDecoder, const M: usize, const DOT_ORDER: bool>(
     d: &D,
@@ -225,18 +225,20 @@ unsafe fn dot_body_unscaled<D: RowDecoder, const M: usize, const DOT_ORDER: bool
     x: *const f32,
     x_stride: usize,
 ) -> [__m256; M] {
-    let mut sums = [_mm256_setzero_ps(); M];
+    let chains = if M <= 2 { 2 } else { 1 };
+    let mut sums = [[_mm256_setzero_ps(); 2]; M];
     let mut i = 0;
     while i < body {
         let (wv, _) = unsafe { if DOT_ORDER { d.unit_for_dot(i) } else { d.unit(i) } };
         for (m, t) in sums.iter_mut().enumerate() {
             for (j, w) in wv.iter().enumerate() {
+                let t = &mut t[j % chains];
                 *t = _mm256_fmadd_ps(*w, unsafe { _mm256_loadu_ps(x.add(m * x_stride + i + 8 * j)) }, *t);
             }
         }
         i += UNIT;
     }
-    sums
+    sums.map(|[a, b]| _mm256_add_ps(a, b))
 }
 
 /// Horizontal sums of eight vectors at once (a transpose-and-add tree): per row this costs about
