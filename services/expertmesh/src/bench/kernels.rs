@@ -67,12 +67,10 @@ fn matrix(format: &str, bytes: usize, cols: usize) -> Result<WeightMatrix> {
             let rows = bytes / cols;
             let scales = vec![1.0f32; rows.div_ceil(128) * cols.div_ceil(128)];
             let codes = fp8_weight_codes();
-            WeightMatrix::from_fp8(
-                rows,
-                cols,
-                Bytes::from_vec(fill(rows * cols, |s| codes[(s >> 16) as u16 as usize])),
-                scales,
-            )
+            // One byte more in front: FP8 codes keep a byte before them (the dot kernels load it),
+            // which `from_fp8` would otherwise make room for by copying the whole matrix.
+            let owner = fill(rows * cols + 1, |s| codes[(s >> 16) as u16 as usize]);
+            WeightMatrix::from_fp8(rows, cols, Bytes::new(std::sync::Arc::new(owner), 1..rows * cols + 1), scales)
         }
         _ => {
             let rows = bytes * 2 / cols;
