@@ -32,6 +32,9 @@ struct CallStream {
     pending: Mutex<HashMap<u64, oneshot::Sender<Reply>>>,
     next_id: AtomicU64,
     dead: AtomicBool,
+    /// The task reading replies. Aborting it drops the reply stream, which cancels the HTTP/2
+    /// stream: the worker then drops the calls still on it rather than compute them for nobody.
+    reader: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
 impl CallStream {
@@ -81,11 +84,15 @@ impl ShardLink {
         rx.await.unwrap_or_else(|_| Err(Status::unavailable("call stream closed")))
     }
 
-    /// Ends the current stream (after a timeout: a wedged stream must not take more calls);
-    /// its pending calls fail and the next call opens a new one.
+    /// Cancels the current stream (after a timeout: a wedged stream must not take more calls,
+    /// and the worker should not finish what was sent on it); its pending calls fail and the next
+    /// call opens a new one.
     pub fn reset(&self) {
         if let Some(s) = self.stream.lock().unwrap().take() {
             s.fail_all(Status::unavailable("call stream reset"));
+            if let Some(reader) = s.reader.lock().unwrap().take() {
+                reader.abort();
+            }
         }
     }
 
@@ -100,10 +107,11 @@ impl ShardLink {
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             dead: AtomicBool::new(false),
+            reader: Mutex::new(None),
         });
         let reader = stream.clone();
         let mut client = self.client.clone();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let mut replies = match client.forward_stream(UnboundedReceiverStream::new(rx)).await {
                 Ok(r) => r.into_inner(),
                 Err(status) => return reader.fail_all(status),
@@ -125,6 +133,7 @@ impl ShardLink {
                 }
             }
         });
+        *stream.reader.lock().unwrap() = Some(task.abort_handle());
         *slot = Some(stream.clone());
         stream
     }

@@ -101,9 +101,15 @@ impl ExpertServiceImpl {
         let out = if inline {
             run()
         } else {
-            // The math runs on the compute pool; this task only waits.
+            // The math runs on the compute pool; this task only waits. A call whose caller has
+            // gone by the time the pool reaches it (the engine timed out, or cancelled the
+            // stream) is skipped: an overloaded worker must not spend itself on abandoned work.
             let (tx, rx) = oneshot::channel();
+            let worker = self.inner.clone();
             let job = move || {
+                if tx.is_closed() {
+                    return worker.metrics.failed(ErrorKind::Cancelled);
+                }
                 let _ = tx.send(run());
             };
             match &inner.pool {
@@ -150,7 +156,13 @@ impl ExpertService for ExpertServiceImpl {
                 let (this, tx) = (this.clone(), tx.clone());
                 tokio::spawn(async move {
                     let call_id = r.call_id;
-                    let reply = this.call(r).await.unwrap_or_else(|e| ForwardResponse {
+                    // The caller cancelling the stream drops its replies: the calls on it end too
+                    // (those still waiting for the pool are then skipped there).
+                    let reply = tokio::select! {
+                        reply = this.call(r) => reply,
+                        _ = tx.closed() => return,
+                    };
+                    let reply = reply.unwrap_or_else(|e| ForwardResponse {
                         call_id,
                         output: None,
                         error: Some(CallError { code: e.code() as i32, message: e.to_string() }),
