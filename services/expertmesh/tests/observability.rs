@@ -36,6 +36,11 @@ struct Cluster {
 impl Cluster {
     /// `extra`: flags for the attention worker and the gateway.
     fn start(extra: &[&str]) -> Cluster {
+        Cluster::start_with(&[], extra)
+    }
+
+    /// `attention_only`: more flags for the attention worker.
+    fn start_with(attention_only: &[&str], extra: &[&str]) -> Cluster {
         let etcd = EtcdServer::start();
         let e = etcd.endpoint();
         let logs = tempfile::tempdir().unwrap();
@@ -50,6 +55,7 @@ impl Cluster {
         let experts = vec![expert("0-7", 0, &[]), expert("8-15", 1, &["--metrics-per-layer"])];
         let mut attention_args = base.to_vec();
         attention_args.extend_from_slice(extra);
+        attention_args.extend_from_slice(attention_only);
         let attention = Worker::spawn_logged("attention", &attention_args, &logs.path().join("attention.log"));
         let mut gw = gateway_flags(&tokenizer_path(), &e, "/expertmesh");
         gw.extend(["--log-format", "json"].map(String::from));
@@ -299,6 +305,48 @@ fn counters_move_by_what_the_requests_imply_and_traces_reach_every_process() {
 
 /// `expertmesh_*` (and `process_*`) names a PromQL text uses: recording-rule names (with a colon)
 /// are defined by the rules, not exported.
+/// The running/waiting gauges mid-flight, where vLLM-style dashboards and autoscalers read them:
+/// with room for one running sequence, a second streamed request waits (at the gateway, which
+/// counts a generation as waiting until an attention worker admits it, and in the engine's queue),
+/// is admitted when the first client disconnects, and both gauges return to zero.
+#[test]
+fn gauges_count_running_and_waiting_requests_mid_flight() {
+    let c = Cluster::start_with(&["--max-running", "1"], &[]);
+    let url = &c.gateway.endpoint;
+    let gauges = |c: &Cluster| -> Vec<(String, f64, f64)> {
+        c.scrape()[..2]
+            .iter()
+            .map(|(who, s)| {
+                let get = |name: &str| sum(s, name, &[]);
+                (who.clone(), get("expertmesh_num_requests_running"), get("expertmesh_num_requests_waiting"))
+            })
+            .collect()
+    };
+    let wait_for = |want: [(f64, f64); 2], what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let now = gauges(&c);
+            if now.iter().zip(want).all(|((_, r, w), (wr, ww))| *r == wr && *w == ww) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{what}: (process, running, waiting) {now:?}, want {want:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    // Long generations (greedy, so the same tokens every run), streamed; each request's socket is
+    // kept open, unread, and dropping it disconnects that client.
+    let body =
+        json!({"prompt": [100, 137, 174, 211], "max_tokens": 4000, "temperature": 0, "stream": true}).to_string();
+    let first = common::http::send(url, "POST", "/v1/completions", &body, &[]);
+    wait_for([(1.0, 0.0), (1.0, 0.0)], "one request running");
+    let second = common::http::send(url, "POST", "/v1/completions", &body, &[]);
+    wait_for([(1.0, 1.0), (1.0, 1.0)], "one running, one waiting (gateway, attention)");
+    drop(first);
+    wait_for([(1.0, 0.0), (1.0, 0.0)], "the waiting request admitted after the first client left");
+    drop(second);
+    wait_for([(0.0, 0.0), (0.0, 0.0)], "both gone");
+}
+
 fn metric_names(text: &str) -> BTreeSet<String> {
     let is_name = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
     text.split(|c: char| !is_name(c))
