@@ -17,18 +17,21 @@
 //!
 //! Measured on AMD Zen 1 (2.5 GHz), one activation row, one thread, a 2.6 MiB matrix in cache:
 //! about 7 (bf16), 9 (FP8) and 15.5 (FP4) cycles per 32 inputs; FP8 and FP4 no faster than from
-//! memory: they are bound by the vector operations per value (decode plus multiply-add). On that core 256-bit
-//! shifts run on one port only (one per two cycles, like `vcvtph2ps`), byte shuffles (`vpshufb`,
-//! `vpslldq`, unpacks) on two, logic on four, multiply-adds on two; the FP8 decode is arranged around the shift port
-//! (a second, one-byte-earlier load instead of a shift; `vpslldq` instead of `vpslld`). The FP8
-//! bit-trick decode turns e4m3 subnormals into f32 subnormals, which cost a microcode assist per
-//! multiply-add on that core: no measurable cost at the 1.3e-4 share of subnormal codes in
-//! amax-scaled weights (the golden FP8 checkpoint), 25 % slower than `vcvtph2ps` when 5 % of the
-//! codes are subnormal (uniformly random bytes). Tried and slower on that core: byte→f32 bit
-//! tricks for FP4 (its 0.5 lands on a subnormal), magic-number int→float conversion, `pshufb`
-//! tables building bf16 patterns in input order and, for FP8, out of order, integer multiplies
-//! standing in for the FP8 decode's shifts, and all-128-bit variants. Cores with AVX-512
-//! FP16/BF16 conversions would lift this bound.
+//! memory: they are bound by the vector operations per value (decode plus multiply-add). On that
+//! core 256-bit shifts run on one port only (one per two cycles, like `vcvtph2ps`), byte shuffles
+//! (`vpshufb`, `vpslldq`, unpacks) on two, logic on four, multiply-adds on two; the FP8 decode is
+//! arranged around the shift port (a second, one-byte-earlier load instead of a shift; `vpslldq`
+//! instead of `vpslld`). Beyond the ports, the count of instructions bounds these loops: keeping
+//! the activations out of the registers (memory operands of the multiply-adds, no spills) gained
+//! FP8 13 %, while a variant that shares activation loads between rows but needs more instructions
+//! was 9 % slower. The FP8 bit-trick decode turns e4m3 subnormals into f32 subnormals, which cost a
+//! microcode assist per multiply-add on that core: no measurable cost at the 1.3e-4 share of
+//! subnormal codes in amax-scaled weights (the golden FP8 checkpoint), 25 % slower than `vcvtph2ps`
+//! when 5 % of the codes are subnormal (uniformly random bytes). Tried and slower on that core:
+//! byte→f32 bit tricks for FP4 (its 0.5 lands on a subnormal), magic-number int→float conversion,
+//! `pshufb` tables building bf16 patterns in input order and, for FP8, out of order, integer
+//! multiplies standing in for the FP8 decode's shifts (also as memory-operand loads), and
+//! all-128-bit variants. Cores with AVX-512 FP16/BF16 conversions would lift this bound.
 
 use std::arch::x86_64::*;
 
