@@ -133,16 +133,16 @@ fn simd_decode_is_exact() {
     }
 }
 
-/// Every code at every position of a 64-wide row, through the dot kernels with one and with
+/// Every code at every position of a 128-wide row, through the dot kernels with one and with
 /// three activation rows. Each weight row holds one nonzero code, so every product is exact: a
-/// value decoded wrong, or paired with another position's input (the FP8 and FP4 dot decoders
-/// work out of order, FP8 with power-of-two factors on weights and inputs), shows up as an exact
-/// mismatch that a tolerance over whole sums would hide. Inputs span 2^-32..2^32. (The
-/// bf16 dot decoder's order is caught by the reference test above: its random values would be
-/// summed against the wrong inputs.)
+/// value decoded wrong, or paired with another position's input or another block's scale (the
+/// FP8 and FP4 dot decoders work out of order, FP8 with power-of-two factors on weights and
+/// inputs, FP4 two scale blocks per step), shows up as an exact mismatch that a tolerance over
+/// whole sums would hide. Inputs span 2^-32..2^32. (The bf16 dot decoder's order is caught by the
+/// reference test above: its random values would be summed against the wrong inputs.)
 #[test]
 fn dot_products_pair_every_code_with_its_own_input() {
-    const COLS: usize = 64;
+    const COLS: usize = 128;
     for format in [WeightFormat::Fp8, WeightFormat::Fp4] {
         // FP8: every byte but the two NaN codes; FP4: every nibble.
         let codes: Vec<u8> = match format {
@@ -160,8 +160,9 @@ fn dot_products_pair_every_code_with_its_own_input() {
                 let bytes = (0..rows * COLS / 2)
                     .map(|i| code_at(2 * i / COLS, 2 * i % COLS) | code_at(2 * i / COLS, 2 * i % COLS + 1) << 4)
                     .collect();
-                WeightMatrix::from_fp4(rows, COLS, Bytes::from_vec(bytes), Bytes::from_vec(vec![127; rows * 2]))
-                    .unwrap()
+                // A different scale for each block of a row (2^-2..2^1).
+                let scales = (0..rows * COLS / FP4_BLOCK).map(|b| 125 + (b % 4) as u8).collect();
+                WeightMatrix::from_fp4(rows, COLS, Bytes::from_vec(bytes), Bytes::from_vec(scales)).unwrap()
             }
         };
         for m in [1, 3] {

@@ -112,7 +112,7 @@ pub fn f32_to_e2m1(x: f32) -> u8 {
 /// Decodes a UE8M0 scale byte: 2^(code - 127). Code 255 is NaN in the format; it never appears in
 /// valid checkpoints and decodes to NaN so that a corrupt scale is visible rather than silent.
 #[inline]
-pub fn e8m0_to_f32(code: u8) -> f32 {
+pub const fn e8m0_to_f32(code: u8) -> f32 {
     match code {
         255 => f32::NAN,
         0 => f32::from_bits(1 << 22), // 2^-127, an f32 subnormal
