@@ -708,8 +708,8 @@ impl Fp8Tiles<'_> {
 /// the loop. For each 128-row tile the rows cross, the permuted activations are multiplied by that
 /// tile's scales, one per 128 inputs, relative to the tile's largest (so, as before, nothing
 /// overflows for |x| < 2^64); the products then need no scaling, and each row's products go
-/// straight into its sums over the whole row (`dot_single_body_unscaled`, `dot_body_unscaled`; at one
-/// activation row +7 % against scaling each tile's sum). The scales are powers of two, so each
+/// straight into its sums over the whole row (`dot_single_body_unscaled`, `dot_body_unscaled`; at
+/// one activation row +7 % against scaling each tile's sum). The scales are powers of two, so each
 /// product is exactly the scaled one; only the order of the row's sum changed.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_rows_fp8<const M: usize>(
