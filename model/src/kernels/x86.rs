@@ -10,9 +10,9 @@
 //!   alone, out of order, each value times 2^-120 (see `x86_decode::fp8x32_ordered`), and take
 //!   the 128×128 tile scales on the activations, one row tile at a time (`dot_rows_fp8`).
 //! * FP4 e2m1: every e2m1 value is an f16 whose low byte is zero, so a 16-entry `pshufb` table of
-//!   high bytes decodes a nibble straight to f16. Dot products with one activation row instead
-//!   build each value's bf16 bytes with two lookups, out of order, 64 values per step where the
-//!   row allows (`dot_single_fp4_pairs`).
+//!   high bytes decodes a nibble straight to f16. Dot products with one activation row (and,
+//!   on rows of a multiple of 64 inputs, up to four) instead build each value's bf16 bytes with
+//!   two lookups, out of order, 64 values per step where the row allows (`fp4_pair_products`).
 //!
 //! Callers check `is_x86_feature_detected!` once (see `kernels::simd_available`).
 //!
@@ -96,6 +96,25 @@ trait RowDecoder {
     {
         unsafe { dot_single_body(rows, body, x) }
     }
+    /// The order in which [`RowDecoder::dot_multi`] takes a row body of `body` inputs against `m`
+    /// activation rows, in blocks of the order's length (`None`: input order). FP8 codes, whose
+    /// activations carry the tile scales, are permuted by [`dot_rows_fp8`] itself.
+    #[inline(always)]
+    fn multi_order(_body: usize, _m: usize) -> Option<&'static [u8]> {
+        None
+    }
+    /// This row against `M` activation rows `x_stride` apart, laid out in
+    /// [`RowDecoder::multi_order`], left as vectors.
+    ///
+    /// # Safety
+    /// As for [`RowDecoder::dot_single`], for each of the `M` rows of `x`.
+    #[inline(always)]
+    unsafe fn dot_multi<const M: usize>(&self, body: usize, x: *const f32, x_stride: usize) -> [__m256; M]
+    where
+        Self: Sized,
+    {
+        unsafe { dot_body::<Self, M, false>(self, body, x, x_stride) }
+    }
 }
 
 struct F32Row(*const f32);
@@ -164,6 +183,10 @@ impl RowDecoder for Fp8CodesRow {
     const SCALED: bool = false;
     const DOT_ORDER: Option<&'static [u8; UNIT]> = Some(&FP8_ORDER);
     #[inline(always)]
+    unsafe fn dot_multi<const M: usize>(&self, body: usize, x: *const f32, x_stride: usize) -> [__m256; M] {
+        unsafe { dot_body::<Self, M, true>(self, body, x, x_stride) }
+    }
+    #[inline(always)]
     unsafe fn unit_for_dot(&self, i: usize) -> ([__m256; 4], __m256) {
         // The byte before the step: the row's own, the previous row's, or the one `from_fp8` keeps.
         unsafe { (fp8x32_ordered(self.0.add(i)), _mm256_set1_ps(1.0)) }
@@ -216,21 +239,44 @@ static UE8M0_F32: [f32; 256] = {
     t
 };
 
-/// Inputs per step of the one-activation-row FP4 kernel on row bodies that are a multiple of 64:
-/// one 32-byte load splits into 64 nibbles at once, and the loop overhead is shared by two scale
-/// blocks (one thread, in cache, Zen 1: 5.2-5.5 → 6.2-6.45 G MAC/s against 32 per step).
+/// Inputs per step of the FP4 kernels for one to four activation rows on row bodies that are a
+/// multiple of 64: one 32-byte load splits into 64 nibbles at once, and the loop overhead is
+/// shared by two scale blocks. One thread, in cache, Zen 1, against 32 per step: one activation
+/// row 5.2-5.5 → 6.2-6.45 G MAC/s; two 8.8-8.9 → 9.5-9.8 (best of alternating runs); three and
+/// four +1-5 %, inside the noise; from five on, where the in-order decode (`vcvtph2ps`) is
+/// shared by more rows, 2-8 % slower.
 const FP4_PAIR: usize = 2 * UNIT;
+/// Most activation rows the FP4 64-input steps take (see [`FP4_PAIR`]).
+const FP4_PAIR_MAX_ROWS: usize = 4;
+
+/// Whether the FP4 kernels take 64 inputs per step for a row body of `body` inputs and `m`
+/// activation rows.
+fn fp4_paired(body: usize, m: usize) -> bool {
+    body.is_multiple_of(FP4_PAIR) && m <= FP4_PAIR_MAX_ROWS
+}
 
 impl RowDecoder for Fp4Row {
     const SCALED: bool = true;
     const DOT_ORDER: Option<&'static [u8; UNIT]> = Some(&FP4_ORDER);
     #[inline(always)]
     fn single_order(body: usize) -> Option<&'static [u8]> {
-        Some(if body.is_multiple_of(FP4_PAIR) { &FP4_ORDER64 } else { &FP4_ORDER })
+        Some(if fp4_paired(body, 1) { &FP4_ORDER64 } else { &FP4_ORDER })
+    }
+    #[inline(always)]
+    fn multi_order(body: usize, m: usize) -> Option<&'static [u8]> {
+        fp4_paired(body, m).then_some(&FP4_ORDER64)
+    }
+    #[inline(always)]
+    unsafe fn dot_multi<const M: usize>(&self, body: usize, x: *const f32, x_stride: usize) -> [__m256; M] {
+        if fp4_paired(body, M) {
+            unsafe { dot_multi_fp4_pairs(self, body, x, x_stride) }
+        } else {
+            unsafe { dot_body::<Self, M, false>(self, body, x, x_stride) }
+        }
     }
     #[inline(always)]
     unsafe fn dot_single<const R: usize>(rows: [&Self; R], body: usize, x: *const f32) -> [__m256; R] {
-        if !body.is_multiple_of(FP4_PAIR) {
+        if !fp4_paired(body, 1) {
             return unsafe { dot_single_body(rows, body, x) };
         }
         // Two rows at a time: with four, the registers run out (sums spilled every step, 4 %
@@ -473,23 +519,52 @@ unsafe fn dot_single_fp4_pairs<const R: usize>(rows: [&Fp4Row; R], body: usize, 
         for (d, a) in rows.iter().zip(acc.iter_mut()) {
             unsafe {
                 let w = fp4x64_ordered(d.codes.add(i / 2));
-                let xi = x.add(i);
-                // Two short chains (even and odd vectors) per step; one multiply-add by the
-                // scales joins them to the row's sum.
-                let mut even = _mm256_mul_ps(w[0], _mm256_loadu_ps(xi));
-                let mut odd = _mm256_mul_ps(w[1], _mm256_loadu_ps(xi.add(8)));
-                even = fmadd_from::<64>(w[2], xi, even);
-                odd = fmadd_from::<96>(w[3], xi, odd);
-                even = fmadd_from::<128>(w[4], xi, even);
-                odd = fmadd_from::<160>(w[5], xi, odd);
-                even = fmadd_from::<192>(w[6], xi, even);
-                odd = fmadd_from::<224>(w[7], xi, odd);
-                *a = _mm256_fmadd_ps(_mm256_add_ps(even, odd), d.scale_pair(i), *a);
+                *a = _mm256_fmadd_ps(fp4_pair_products(&w, x.add(i)), d.scale_pair(i), *a);
             }
         }
         i += FP4_PAIR;
     }
     acc
+}
+
+/// One FP4 row against `M` activation rows in [`FP4_ORDER64`], 64 inputs per step: the step's
+/// values and scales decoded once for the `M` rows, each row's products in two short chains.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_multi_fp4_pairs<const M: usize>(d: &Fp4Row, body: usize, x: *const f32, x_stride: usize) -> [__m256; M] {
+    let mut acc = [_mm256_setzero_ps(); M];
+    let mut i = 0;
+    while i < body {
+        unsafe {
+            let w = fp4x64_ordered(d.codes.add(i / 2));
+            let scales = d.scale_pair(i);
+            for (m, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(fp4_pair_products(&w, x.add(m * x_stride + i)), scales, *a);
+            }
+        }
+        i += FP4_PAIR;
+    }
+    acc
+}
+
+/// `Σ w[v] · x[8v..8v + 8]` over the eight vectors of a 64-input step, in two chains (even and
+/// odd vectors), the activations as memory operands.
+///
+/// # Safety
+/// `x` must point to 64 readable floats; FMA must be available.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn fp4_pair_products(w: &[__m256; 8], x: *const f32) -> __m256 {
+    unsafe {
+        let mut even = _mm256_mul_ps(w[0], _mm256_loadu_ps(x));
+        let mut odd = _mm256_mul_ps(w[1], _mm256_loadu_ps(x.add(8)));
+        even = fmadd_from::<64>(w[2], x, even);
+        odd = fmadd_from::<96>(w[3], x, odd);
+        even = fmadd_from::<128>(w[4], x, even);
+        odd = fmadd_from::<160>(w[5], x, odd);
+        even = fmadd_from::<192>(w[6], x, even);
+        odd = fmadd_from::<224>(w[7], x, odd);
+        _mm256_add_ps(even, odd)
+    }
 }
 
 /// [`dot_single_body`] for unscaled steps: each row's products go into two sums (a step's even and
@@ -598,7 +673,7 @@ unsafe fn rows_body_single<S: RowSource>(
 
 /// Several activation rows: rows are walked in memory order and reduced eight at a time.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn rows_body<S: RowSource, const M: usize, const DOT_ORDER: bool>(
+unsafe fn rows_body<S: RowSource, const M: usize>(
     src: &S,
     rows: std::ops::Range<usize>,
     body: usize,
@@ -612,7 +687,7 @@ unsafe fn rows_body<S: RowSource, const M: usize, const DOT_ORDER: bool>(
         let group = (rows.end - r).min(8);
         let mut acc = [[_mm256_setzero_ps(); 8]; M];
         for j in 0..group {
-            let v = unsafe { dot_body::<_, M, DOT_ORDER>(&src.row(r + j), body, x, x_stride) };
+            let v = unsafe { src.row(r + j).dot_multi::<M>(body, x, x_stride) };
             for (a, vm) in acc.iter_mut().zip(v) {
                 a[j] = vm;
             }
@@ -654,11 +729,11 @@ pub unsafe fn dot_rows<const M: usize>(
     with_source!(w, |src| unsafe { dot_rows_of::<_, M>(&src, rows, body, x, x_stride, out_t) })
 }
 
-/// [`dot_rows`] for one row source (FP8 has its own, [`dot_rows_fp8`]). One activation row
-/// (decode at batch 1, memory-bound): in the format's dot order, the activations permuted first
-/// (once per call; a call covers a thread's whole share of the rows). Several rows: in input
-/// order, since bf16's and FP4's out-of-order decoders measured no faster or slower there (the
-/// multiply-adds dominate; register pressure).
+/// [`dot_rows`] for one row source (FP8 has its own, [`dot_rows_fp8`]). The activations are
+/// permuted first into the order the kernels take (once per call; a call covers a thread's whole
+/// share of the rows): one activation row (decode at batch 1, memory-bound) in the format's dot
+/// order; several in input order, except FP4 at up to four (bf16's out-of-order decoder measured
+/// no faster there: the multiply-adds dominate).
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_rows_of<S: RowSource, const M: usize>(
     src: &S,
@@ -668,15 +743,23 @@ unsafe fn dot_rows_of<S: RowSource, const M: usize>(
     x_stride: usize,
     out_t: &mut [f32],
 ) {
-    let order = match S::Row::single_order(body) {
-        Some(order) if M == 1 => order,
-        _ if M > 1 => return unsafe { rows_body::<_, M, false>(src, rows, body, x.as_ptr(), x_stride, out_t) },
-        _ => return unsafe { rows_body_single(src, rows, body, x.as_ptr(), out_t) },
+    let order = if M == 1 { S::Row::single_order(body) } else { S::Row::multi_order(body, M) };
+    let Some(order) = order else {
+        return match M {
+            1 => unsafe { rows_body_single(src, rows, body, x.as_ptr(), out_t) },
+            _ => unsafe { rows_body::<_, M>(src, rows, body, x.as_ptr(), x_stride, out_t) },
+        };
     };
     PERMUTED.with_borrow_mut(|permuted| {
-        permuted.resize(body, 0.0);
-        permute_blocks(&x[..body], order, 1.0, permuted);
-        unsafe { rows_body_single(src, rows, body, permuted.as_ptr(), out_t) }
+        permuted.resize(M * body, 0.0);
+        for m in 0..M {
+            let input = &x[m * x_stride..m * x_stride + body];
+            permute_blocks(input, order, 1.0, &mut permuted[m * body..(m + 1) * body]);
+        }
+        match M {
+            1 => unsafe { rows_body_single(src, rows, body, permuted.as_ptr(), out_t) },
+            _ => unsafe { rows_body::<_, M>(src, rows, body, permuted.as_ptr(), body, out_t) },
+        }
     })
 }
 
@@ -746,7 +829,7 @@ unsafe fn dot_rows_fp8<const M: usize>(
                 }
                 let out = &mut out_t[(r - rows.start) * M..(tile_rows.end - rows.start) * M];
                 if M > 1 {
-                    unsafe { rows_body::<_, M, true>(src, tile_rows.clone(), body, scaled.as_ptr(), body, out) }
+                    unsafe { rows_body::<_, M>(src, tile_rows.clone(), body, scaled.as_ptr(), body, out) }
                 } else {
                     unsafe { rows_body_single(src, tile_rows.clone(), body, scaled.as_ptr(), out) }
                 }
