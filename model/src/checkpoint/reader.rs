@@ -32,7 +32,7 @@ pub struct TensorEntry {
 /// A checkpoint's tensors, memory-mapped (or in memory, for generated models).
 pub struct Checkpoint {
     config: ModelConfig,
-    /// Shown in errors: the folder, or "<memory>".
+    /// Shown in errors: the folder, or `"<memory>"`.
     origin: String,
     files: Vec<(String, FileBytes)>,
     tensors: BTreeMap<String, TensorEntry>,

@@ -12,7 +12,7 @@
 //! * FP4 e2m1: every e2m1 value is an f16 whose low byte is zero, so a 16-entry `pshufb` table of
 //!   high bytes decodes a nibble straight to f16. Dot products with one activation row (and,
 //!   on rows of a multiple of 64 inputs, up to four) instead build each value's bf16 bytes with
-//!   two lookups, out of order, 64 values per step where the row allows (`fp4_pair_products`).
+//!   two lookups, out of order, 64 values per step where the row allows (`x86/fp4.rs`).
 //!
 //! Callers check `is_x86_feature_detected!` once (see `kernels::simd_available`).
 //!
@@ -34,16 +34,15 @@
 //! multiplies standing in for the FP8 decode's shifts (also as memory-operand loads), and
 //! all-128-bit variants. Cores with AVX-512 FP16/BF16 conversions would lift this bound.
 
+mod fp4;
+mod fp8;
+
 use std::arch::x86_64::*;
 
 use super::weight::{FP4_BLOCK, FP8_TILE, WeightData, WeightMatrix};
 pub use super::x86_decode::UNIT;
-use super::x86_decode::{
-    BF16_ORDER, FP4_ORDER, FP4_ORDER64, FP8_ORDER, bf16x8, bf16x32_ordered, fp4x32, fp4x32_ordered, fp4x64_ordered,
-    fp8x16, fp8x32_ordered, permute_blocks,
-};
-use crate::numerics::e8m0_to_f32;
-use crate::numerics::minifloat::pow2;
+use super::x86_decode::{BF16_ORDER, bf16x8, bf16x32_ordered, permute_blocks};
+use fp8::{Fp8Tiles, dot_rows_fp8};
 
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
@@ -158,145 +157,6 @@ impl RowDecoder for Bf16Row {
             let p = self.0.add(2 * i);
             ([bf16x8(p), bf16x8(p.add(16)), bf16x8(p.add(32)), bf16x8(p.add(48))], _mm256_set1_ps(1.0))
         }
-    }
-}
-
-/// `fp8x32_ordered` yields each value times 2^-120; the activations are taken times 2^64, so the
-/// products stay clear of f32 subnormals (exact for |x| < 2^64 and |w·x| ≥ 2^-70 at the tile's
-/// largest scale), and the results are multiplied by the remaining 2^56.
-const FP8_DOT_INPUT_EXP: i32 = 64;
-
-impl RowDecoder for Fp8Row {
-    const SCALED: bool = true;
-    #[inline(always)]
-    unsafe fn unit(&self, i: usize) -> ([__m256; 4], __m256) {
-        unsafe {
-            let p = self.codes.add(i);
-            let (a, b) = fp8x16(p);
-            let (c, d) = fp8x16(p.add(16));
-            ([a, b, c, d], _mm256_set1_ps(*self.scales.add(i / FP8_TILE) * 256.0))
-        }
-    }
-}
-
-impl RowDecoder for Fp8CodesRow {
-    const SCALED: bool = false;
-    const DOT_ORDER: Option<&'static [u8; UNIT]> = Some(&FP8_ORDER);
-    #[inline(always)]
-    unsafe fn dot_multi<const M: usize>(&self, body: usize, x: *const f32, x_stride: usize) -> [__m256; M] {
-        unsafe { dot_body::<Self, M, true>(self, body, x, x_stride) }
-    }
-    #[inline(always)]
-    unsafe fn unit_for_dot(&self, i: usize) -> ([__m256; 4], __m256) {
-        // The byte before the step: the row's own, the previous row's, or the one `from_fp8` keeps.
-        unsafe { (fp8x32_ordered(self.0.add(i)), _mm256_set1_ps(1.0)) }
-    }
-    /// Input order (unused by the dot kernels, which take the dot order): `fp8x16`'s 2^-8 times
-    /// 2^-112, the same factor as the dot order's.
-    #[inline(always)]
-    unsafe fn unit(&self, i: usize) -> ([__m256; 4], __m256) {
-        const TO_DOT_FACTOR: f32 = pow2(-112);
-        unsafe {
-            let p = self.0.add(i);
-            let (a, b) = fp8x16(p);
-            let (c, d) = fp8x16(p.add(16));
-            ([a, b, c, d].map(|v| _mm256_mul_ps(v, _mm256_set1_ps(TO_DOT_FACTOR))), _mm256_set1_ps(1.0))
-        }
-    }
-}
-
-impl Fp4Row {
-    /// The scale of the 32-block holding input `i`.
-    #[inline(always)]
-    unsafe fn scale(&self, i: usize) -> __m256 {
-        unsafe { _mm256_broadcast_ss(&UE8M0_F32[*self.scales.add(i / FP4_BLOCK) as usize]) }
-    }
-
-    /// The scales of the two 32-blocks from input `i`: the first in the low four lanes, the
-    /// second in the high four (the lanes of [`fp4x64_ordered`]'s vectors).
-    #[inline(always)]
-    unsafe fn scale_pair(&self, i: usize) -> __m256 {
-        unsafe {
-            let sp = self.scales.add(i / FP4_BLOCK);
-            _mm256_blend_ps::<0xF0>(
-                _mm256_broadcast_ss(&UE8M0_F32[*sp as usize]),
-                _mm256_broadcast_ss(&UE8M0_F32[*sp.add(1) as usize]),
-            )
-        }
-    }
-}
-
-/// Every UE8M0 scale byte decoded. A broadcast from this table is a load, where placing the byte
-/// in an f32's exponent field takes a shift and a shuffle on the ports the FP4 decode is short
-/// of (the two-block scales of [`Fp4Row::scale_pair`]: FP4 +6 % in cache, one thread, Zen 1).
-static UE8M0_F32: [f32; 256] = {
-    let mut t = [0f32; 256];
-    let mut code = 0;
-    while code < 256 {
-        t[code] = e8m0_to_f32(code as u8);
-        code += 1;
-    }
-    t
-};
-
-/// Inputs per step of the FP4 kernels for one to four activation rows on row bodies that are a
-/// multiple of 64: one 32-byte load splits into 64 nibbles at once, and the loop overhead is
-/// shared by two scale blocks. One thread, in cache, Zen 1, against 32 per step: one activation
-/// row 5.2-5.5 → 6.2-6.45 G MAC/s; two 8.8-8.9 → 9.5-9.8 (best of alternating runs); three and
-/// four +1-5 %, inside the noise; from five on, where the in-order decode (`vcvtph2ps`) is
-/// shared by more rows, 2-8 % slower.
-const FP4_PAIR: usize = 2 * UNIT;
-/// Most activation rows the FP4 64-input steps take (see [`FP4_PAIR`]).
-const FP4_PAIR_MAX_ROWS: usize = 4;
-
-/// Whether the FP4 kernels take 64 inputs per step for a row body of `body` inputs and `m`
-/// activation rows.
-fn fp4_paired(body: usize, m: usize) -> bool {
-    body.is_multiple_of(FP4_PAIR) && m <= FP4_PAIR_MAX_ROWS
-}
-
-impl RowDecoder for Fp4Row {
-    const SCALED: bool = true;
-    const DOT_ORDER: Option<&'static [u8; UNIT]> = Some(&FP4_ORDER);
-    #[inline(always)]
-    fn single_order(body: usize) -> Option<&'static [u8]> {
-        Some(if fp4_paired(body, 1) { &FP4_ORDER64 } else { &FP4_ORDER })
-    }
-    #[inline(always)]
-    fn multi_order(body: usize, m: usize) -> Option<&'static [u8]> {
-        fp4_paired(body, m).then_some(&FP4_ORDER64)
-    }
-    #[inline(always)]
-    unsafe fn dot_multi<const M: usize>(&self, body: usize, x: *const f32, x_stride: usize) -> [__m256; M] {
-        if fp4_paired(body, M) {
-            unsafe { dot_multi_fp4_pairs(self, body, x, x_stride) }
-        } else {
-            unsafe { dot_body::<Self, M, false>(self, body, x, x_stride) }
-        }
-    }
-    #[inline(always)]
-    unsafe fn dot_single<const R: usize>(rows: [&Self; R], body: usize, x: *const f32) -> [__m256; R] {
-        if !fp4_paired(body, 1) {
-            return unsafe { dot_single_body(rows, body, x) };
-        }
-        // Two rows at a time: with four, the registers run out (sums spilled every step, 4 %
-        // slower).
-        let mut out = [unsafe { _mm256_setzero_ps() }; R];
-        for (o, r) in out.chunks_mut(2).zip(rows.chunks(2)) {
-            match r {
-                [a, b] => o.copy_from_slice(&unsafe { dot_single_fp4_pairs([*a, *b], body, x) }),
-                _ => o.copy_from_slice(&unsafe { dot_single_fp4_pairs([r[0]], body, x) }),
-            }
-        }
-        out
-    }
-    #[inline(always)]
-    unsafe fn unit(&self, i: usize) -> ([__m256; 4], __m256) {
-        unsafe { (fp4x32(self.codes.add(i / 2)), self.scale(i)) }
-    }
-    #[inline(always)]
-    unsafe fn unit_for_dot(&self, i: usize) -> ([__m256; 4], __m256) {
-        unsafe { (fp4x32_ordered(self.codes.add(i / 2)), self.scale(i)) }
     }
 }
 
@@ -508,65 +368,6 @@ unsafe fn dot_single_body<D: RowDecoder, const R: usize>(rows: [&D; R], body: us
     acc
 }
 
-/// FP4 rows against one activation row in [`FP4_ORDER64`], 64 inputs per step: per row and step
-/// one 32-byte load, eight vectors of values ([`fp4x64_ordered`]) in two short chains, and one
-/// multiply-add by the two blocks' scales (low lanes the first block, high lanes the second).
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_single_fp4_pairs<const R: usize>(rows: [&Fp4Row; R], body: usize, x: *const f32) -> [__m256; R] {
-    let mut acc = [_mm256_setzero_ps(); R];
-    let mut i = 0;
-    while i < body {
-        for (d, a) in rows.iter().zip(acc.iter_mut()) {
-            unsafe {
-                let w = fp4x64_ordered(d.codes.add(i / 2));
-                *a = _mm256_fmadd_ps(fp4_pair_products(&w, x.add(i)), d.scale_pair(i), *a);
-            }
-        }
-        i += FP4_PAIR;
-    }
-    acc
-}
-
-/// One FP4 row against `M` activation rows in [`FP4_ORDER64`], 64 inputs per step: the step's
-/// values and scales decoded once for the `M` rows, each row's products in two short chains.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_multi_fp4_pairs<const M: usize>(d: &Fp4Row, body: usize, x: *const f32, x_stride: usize) -> [__m256; M] {
-    let mut acc = [_mm256_setzero_ps(); M];
-    let mut i = 0;
-    while i < body {
-        unsafe {
-            let w = fp4x64_ordered(d.codes.add(i / 2));
-            let scales = d.scale_pair(i);
-            for (m, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(fp4_pair_products(&w, x.add(m * x_stride + i)), scales, *a);
-            }
-        }
-        i += FP4_PAIR;
-    }
-    acc
-}
-
-/// `Σ w[v] · x[8v..8v + 8]` over the eight vectors of a 64-input step, in two chains (even and
-/// odd vectors), the activations as memory operands.
-///
-/// # Safety
-/// `x` must point to 64 readable floats; FMA must be available.
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn fp4_pair_products(w: &[__m256; 8], x: *const f32) -> __m256 {
-    unsafe {
-        let mut even = _mm256_mul_ps(w[0], _mm256_loadu_ps(x));
-        let mut odd = _mm256_mul_ps(w[1], _mm256_loadu_ps(x.add(8)));
-        even = fmadd_from::<64>(w[2], x, even);
-        odd = fmadd_from::<96>(w[3], x, odd);
-        even = fmadd_from::<128>(w[4], x, even);
-        odd = fmadd_from::<160>(w[5], x, odd);
-        even = fmadd_from::<192>(w[6], x, even);
-        odd = fmadd_from::<224>(w[7], x, odd);
-        _mm256_add_ps(even, odd)
-    }
-}
-
 /// [`dot_single_body`] for unscaled steps: each row's products go into two sums (a step's even and
 /// odd vectors) over the whole row, with no add per step (two chains: +4 % for FP8 in cache
 /// against one). The activations are memory operands of the multiply-adds ([`fmadd_from`]),
@@ -766,87 +567,6 @@ unsafe fn dot_rows_of<S: RowSource, const M: usize>(
 thread_local! {
     /// The permuted activations, kept between calls (decode makes many small ones).
     static PERMUTED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// [`dot_rows_fp8`]'s activations with one row tile's scales.
-    static TILE_SCALED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// The scale tiles of an FP8 matrix (`row0` as in `WeightData::Fp8`).
-struct Fp8Tiles<'a> {
-    scales: &'a [f32],
-    cols: usize,
-    row0: usize,
-}
-
-impl Fp8Tiles<'_> {
-    /// The rows from `r` up to the end of `r`'s 128-row tile (at most `end`), and that tile's
-    /// scales along the inputs.
-    fn tile_of(&self, r: usize, end: usize) -> (std::ops::Range<usize>, &[f32]) {
-        let tile = (r + self.row0) / FP8_TILE;
-        let per_row = self.cols.div_ceil(FP8_TILE);
-        (r..end.min((tile + 1) * FP8_TILE - self.row0), &self.scales[tile * per_row..(tile + 1) * per_row])
-    }
-}
-
-/// [`dot_rows`] for FP8: the tile scales ride on the activations instead of being applied inside
-/// the loop. For each 128-row tile the rows cross, the permuted activations are multiplied by that
-/// tile's scales, one per 128 inputs, relative to the tile's largest (so, as before, nothing
-/// overflows for |x| < 2^64); the products then need no scaling, and each row's products go
-/// straight into its sums over the whole row (`dot_single_body_unscaled`, `dot_body_unscaled`; at
-/// one activation row +7 % against scaling each tile's sum). The scales are powers of two, so each
-/// product is exactly the scaled one; only the order of the row's sum changed.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_rows_fp8<const M: usize>(
-    src: &Fp8CodesRows,
-    tiles: &Fp8Tiles,
-    rows: std::ops::Range<usize>,
-    body: usize,
-    x: &[f32],
-    x_stride: usize,
-    out_t: &mut [f32],
-) {
-    if body == 0 {
-        return out_t[..rows.len() * M].fill(0.0);
-    }
-    PERMUTED.with_borrow_mut(|permuted| {
-        TILE_SCALED.with_borrow_mut(|scaled| {
-            permuted.resize(M * body, 0.0);
-            scaled.resize(M * body, 0.0);
-            for m in 0..M {
-                let input = &x[m * x_stride..m * x_stride + body];
-                permute_blocks(input, &FP8_ORDER, pow2(FP8_DOT_INPUT_EXP), &mut permuted[m * body..(m + 1) * body]);
-            }
-            let mut r = rows.start;
-            while r < rows.end {
-                let (tile_rows, scales) = tiles.tile_of(r, rows.end);
-                let top = scales[..body.div_ceil(FP8_TILE)].iter().map(|s| exponent(*s)).max().unwrap_or(0);
-                for (out, input) in scaled.chunks_exact_mut(body).zip(permuted.chunks_exact(body)) {
-                    for ((o, i), s) in out.chunks_mut(FP8_TILE).zip(input.chunks(FP8_TILE)).zip(scales) {
-                        let s = s * pow2(-top);
-                        for (o, i) in o.iter_mut().zip(i) {
-                            *o = i * s;
-                        }
-                    }
-                }
-                let out = &mut out_t[(r - rows.start) * M..(tile_rows.end - rows.start) * M];
-                if M > 1 {
-                    unsafe { rows_body::<_, M>(src, tile_rows.clone(), body, scaled.as_ptr(), body, out) }
-                } else {
-                    unsafe { rows_body_single(src, tile_rows.clone(), body, scaled.as_ptr(), out) }
-                }
-                // The decode's 2^-120 against the activations' 2^64, and the tile's largest scale.
-                let restore = (pow2(120 - FP8_DOT_INPUT_EXP), pow2(top));
-                for o in out.iter_mut() {
-                    *o = *o * restore.0 * restore.1;
-                }
-                r = tile_rows.end;
-            }
-        })
-    })
-}
-
-/// The power of two of a UE8M0 scale, kept where [`pow2`] of it and of its negation are normal.
-fn exponent(scale: f32) -> i32 {
-    (((scale.to_bits() >> 23) & 0xff) as i32 - 127).clamp(-126, 126)
 }
 
 /// Decodes `row` into `out` (`cols` floats).
