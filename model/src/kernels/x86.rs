@@ -457,19 +457,9 @@ unsafe fn rows_body_single<S: RowSource>(
         }
         i += 2;
     }
-    // The rows after the quarters, reduced eight at a time.
-    let mut r = 4 * q;
-    while r < n {
-        let group = (n - r).min(8);
-        let mut acc = [_mm256_setzero_ps(); 8];
-        for (j, a) in acc.iter_mut().enumerate().take(group) {
-            [*a] = unsafe { S::Row::dot_single([&src.row(rows.start + r + j)], body, x) };
-        }
-        let mut sums = [0.0f32; 8];
-        unsafe { _mm256_storeu_ps(sums.as_mut_ptr(), hsum8(&acc)) };
-        out[r..r + group].copy_from_slice(&sums[..group]);
-        r += group;
-    }
+    // The rows after the quarters.
+    let rest = rows.start + 4 * q..rows.end;
+    unsafe { reduce_rows::<1>(rest, &mut out[4 * q..], |r| S::Row::dot_single([&src.row(r)], body, x)) };
 }
 
 /// Several activation rows: rows are walked in memory order and reduced eight at a time.
@@ -482,13 +472,27 @@ unsafe fn rows_body<S: RowSource, const M: usize>(
     x_stride: usize,
     out_t: &mut [f32],
 ) {
+    unsafe { reduce_rows(rows, out_t, |r| src.row(r).dot_multi::<M>(body, x, x_stride)) }
+}
+
+/// `out_t[(r - rows.start) * M + m]` = the sum of the lanes of `row_dot(r)[m]`, for every row
+/// `r`, reduced eight rows at a time ([`hsum8`]).
+///
+/// # Safety
+/// AVX2 must be available; `row_dot` must be safe to call on every row of `rows`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn reduce_rows<const M: usize>(
+    rows: std::ops::Range<usize>,
+    out_t: &mut [f32],
+    row_dot: impl Fn(usize) -> [__m256; M],
+) {
     let mut r = rows.start;
     let mut o = 0;
     while r < rows.end {
         let group = (rows.end - r).min(8);
         let mut acc = [[_mm256_setzero_ps(); 8]; M];
         for j in 0..group {
-            let v = unsafe { src.row(r + j).dot_multi::<M>(body, x, x_stride) };
+            let v = row_dot(r + j);
             for (a, vm) in acc.iter_mut().zip(v) {
                 a[j] = vm;
             }
