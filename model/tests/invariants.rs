@@ -136,6 +136,69 @@ fn batched_decode_equals_individual_decode() {
     assert_eq!(states.iter().map(|s| s.position()).collect::<Vec<_>>(), vec![4, 18, 41]);
 }
 
+/// The last block computes outputs only for the rows someone reads (`layers::chunk`). A prefill
+/// that asks for its last token's logits, or for none, leaves exactly (bitwise) the caches of one
+/// that asks for every token's: every token's keys are computed from the same inputs, and each
+/// product's output depends only on its own weight row and the token count. Its last logits agree
+/// with the full prefill's last row to 1e-4 relative: the last block's products then run on fewer
+/// rows (GEMV instead of GEMM: another summation order). The sequences share one call, so the
+/// rows a layout drops sit between rows it keeps; decode steps from either state agree bitwise.
+#[test]
+fn unread_rows_skip_the_last_block_without_changing_state() {
+    let m = micro_all_visible(QuantSim::default());
+    let vocab = m.model.config().vocab_size;
+    let prompts: Vec<Vec<u32>> = [40usize, 17, 9].iter().enumerate().map(|(i, &n)| tokens(n, vocab, 20 + i)).collect();
+    let prefill = |modes: [LogitRows; 3]| {
+        let mut states: Vec<_> = (0..3).map(|_| m.model.new_sequence()).collect();
+        let mut steps: Vec<Step> = states.iter_mut().zip(&prompts).map(|(s, p)| Step::new(s, p)).collect();
+        steps.iter_mut().zip(modes).for_each(|(s, mode)| s.logits = mode);
+        let logits: Vec<Vec<f32>> =
+            m.model.forward(&mut steps, &m.experts).unwrap().into_iter().map(|o| o.logits).collect();
+        (states, logits)
+    };
+    let (mut full_states, full) = prefill([LogitRows::All; 3]);
+    let (mut read_states, read) = prefill([LogitRows::Last, LogitRows::None, LogitRows::Last]);
+    assert!(full_states == read_states, "the caches differ");
+    assert!(read[1].is_empty());
+    for i in [0, 2] {
+        assert_eq!(read[i].len(), vocab);
+        let d = rel_diff(&read[i], &full[i][full[i].len() - vocab..]);
+        assert!(d < 1e-4, "sequence {i}: relative difference {d}");
+    }
+    for t in 0..2u32 {
+        let next: Vec<[u32; 1]> = (0..3).map(|i| [t * 7 + i]).collect();
+        let decode = |states: &mut Vec<expertmesh_model::engine::SequenceState>| {
+            let mut steps: Vec<Step> = states.iter_mut().zip(&next).map(|(s, n)| Step::new(s, n)).collect();
+            m.model.forward(&mut steps, &m.experts).unwrap().into_iter().map(|o| o.logits).collect::<Vec<_>>()
+        };
+        assert_eq!(decode(&mut full_states), decode(&mut read_states), "decode step {t}");
+    }
+}
+
+/// The same for the MTP block: asking for the last position's logits leaves the MTP caches of a
+/// call that asks for all of them.
+#[test]
+fn unread_rows_skip_the_mtp_block_without_changing_state() {
+    use expertmesh_model::engine::MtpStep;
+    let m = micro(QuantSim::off());
+    let vocab = m.model.config().vocab_size;
+    let ids = tokens(30, vocab, 9);
+    let mut s = m.model.new_sequence();
+    let mut step = Step::new(&mut s, &ids[..29]);
+    step.keep_streams = true;
+    let streams = m.model.forward(&mut [step], &m.experts).unwrap().remove(0).streams.unwrap();
+    let run = |mode: LogitRows| {
+        let mut state = m.model.new_sequence();
+        let step = MtpStep { state: &mut state, streams: &streams, next_tokens: &ids[1..30], logits: mode };
+        let logits = m.model.forward_mtp(&mut [step], &m.experts).unwrap().remove(0).logits;
+        (state, logits)
+    };
+    let ((all_state, all), (last_state, last)) = (run(LogitRows::All), run(LogitRows::Last));
+    assert!(all_state == last_state, "the MTP caches differ");
+    let d = rel_diff(&last, &all[all.len() - vocab..]);
+    assert!(d < 1e-4, "relative difference {d}");
+}
+
 /// The MTP block keeps its own state: its logits for a prefill of positions equal those of the
 /// same positions fed one at a time.
 #[test]

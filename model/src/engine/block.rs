@@ -5,7 +5,8 @@ use crate::checkpoint::Checkpoint;
 use crate::checkpoint::layout::block_prefix;
 use crate::error::ModelError;
 use crate::layers::QuantSim;
-use crate::layers::attention::{Attention, AttentionState, Chunk};
+use crate::layers::attention::{Attention, AttentionState};
+use crate::layers::chunk::Layout;
 use crate::layers::ffn::Ffn;
 use crate::layers::linear::Linear;
 use crate::layers::mhc::{HcSite, hc_post};
@@ -54,25 +55,33 @@ impl Block {
             + self.shared.bytes()
     }
 
-    /// Advances `streams` (`[T, n, d]`) through the block, in place.
+    /// Advances `streams` (`[T, n, d]`) through the block. Every token's keys enter the caches;
+    /// afterwards `streams` holds the layout's output tokens only (`[outputs, n, d]`).
     pub fn forward(
         &self,
-        streams: &mut [f32],
+        streams: &mut Vec<f32>,
         ids: &[u32],
-        chunks: &[Chunk],
+        layout: &Layout,
         states: &mut [&mut AttentionState],
         experts: &dyn ExpertBackend,
         sim: QuantSim,
     ) -> Result<(), ModelError> {
-        let tokens = ids.len();
-        let (mut x, mix) = self.hc_attn.pre(streams, tokens);
+        let (mut x, mix) = self.hc_attn.pre(streams, ids.len());
         self.attn_norm.apply(&mut x);
-        let a = self.attn.forward(&x, chunks, states, sim);
+        let a = self.attn.forward(&x, layout, states, sim);
+        // The tokens without outputs are done: their keys are in the caches.
+        let (ids, mix) = if layout.is_all() {
+            (std::borrow::Cow::Borrowed(ids), mix)
+        } else {
+            *streams = layout.gather(streams, streams.len() / ids.len()).into_owned();
+            (layout.gather(ids, 1), mix.rows(layout))
+        };
+        let tokens = ids.len();
         hc_post(&a, streams, &mix, self.dim);
 
         let (mut x, mix) = self.hc_ffn.pre(streams, tokens);
         self.ffn_norm.apply(&mut x);
-        let routes = self.router.route(&x, ids);
+        let routes = self.router.route(&x, &ids);
         // The shared expert runs while the routed experts do (in process: on the other cores;
         // remote: while the request is on the wire).
         let (routed, shared) =

@@ -9,7 +9,8 @@ use crate::config::ModelConfig;
 use crate::error::ModelError;
 use crate::kernels::{self, WeightMatrix};
 use crate::layers::QuantSim;
-use crate::layers::attention::{AttentionState, Chunk};
+use crate::layers::attention::AttentionState;
+use crate::layers::chunk::{Chunk, Layout};
 use crate::layers::mhc::HcSite;
 use crate::layers::norm::RmsNorm;
 
@@ -206,10 +207,14 @@ impl Model {
             self.validate(s.state, s.tokens, s.state.pos, &format!("sequence {i}"))?;
         }
         let (ids, chunks) = batch_layout(steps.iter().map(|s| (s.state.pos, s.tokens)));
+        // The last block produces only the rows someone reads (see `layers::chunk`).
+        let read_from: Vec<usize> = steps.iter().zip(&chunks).map(|(s, c)| first_read(s, c)).collect();
+        let (every, last) = (Layout::all(chunks.clone()), Layout::with_outputs_from(chunks, &read_from));
         let mut streams = self.expand(&self.embed_rows(&ids));
         for (l, block) in self.blocks.iter().enumerate() {
+            let layout = if l + 1 == self.blocks.len() { &last } else { &every };
             let mut states: Vec<&mut AttentionState> = steps.iter_mut().map(|s| &mut s.state.layers[l]).collect();
-            match block.forward(&mut streams, &ids, &chunks, &mut states, experts, self.sim) {
+            match block.forward(&mut streams, &ids, layout, &mut states, experts, self.sim) {
                 Ok(()) => {}
                 Err(e) => {
                     steps.iter_mut().for_each(|s| s.state.poisoned = true);
@@ -218,16 +223,16 @@ impl Model {
             }
         }
         let width = self.cfg.hc_dim();
-        let rows: Vec<Vec<usize>> = steps.iter().zip(&chunks).map(|(s, c)| logit_rows(s.logits, c)).collect();
+        let rows: Vec<Vec<usize>> = steps.iter().zip(&last.outputs).map(|(s, c)| logit_rows(s.logits, c)).collect();
         let mut logits = self.logits(&streams, &rows.concat(), &self.hc_head, &self.norm).into_iter();
         let vocab = self.cfg.vocab_size;
         let mut out = Vec::with_capacity(steps.len());
-        for ((s, c), r) in steps.iter_mut().zip(&chunks).zip(&rows) {
+        for (((s, c), kept), r) in steps.iter_mut().zip(&last.chunks).zip(&last.outputs).zip(&rows) {
             s.state.pos += c.len;
             out.push(StepOutput {
                 logits: logits.by_ref().take(r.len() * vocab).collect(),
                 rows: r.len(),
-                streams: s.keep_streams.then(|| streams[c.row0 * width..(c.row0 + c.len) * width].to_vec()),
+                streams: s.keep_streams.then(|| streams[kept.row0 * width..(kept.row0 + kept.len) * width].to_vec()),
             });
         }
         Ok(out)
@@ -265,22 +270,24 @@ impl Model {
             }
         }
         let (ids, chunks) = batch_layout(steps.iter().map(|s| (s.state.mtp_pos, s.next_tokens)));
+        let read_from: Vec<usize> = steps.iter().zip(&chunks).map(|(s, c)| first_logit(s.logits, c)).collect();
+        let layout = Layout::with_outputs_from(chunks, &read_from);
         let main: Vec<f32> = steps.iter().flat_map(|s| s.streams.iter().copied()).collect();
         let mut streams = mtp.input_streams(&main, &self.embed_rows(&ids), self.cfg.hc_mult);
         let mut states: Vec<&mut AttentionState> = steps.iter_mut().map(|s| &mut s.state.mtp[0]).collect();
-        match mtp.block.forward(&mut streams, &ids, &chunks, &mut states, experts, self.sim) {
+        match mtp.block.forward(&mut streams, &ids, &layout, &mut states, experts, self.sim) {
             Ok(()) => {}
             Err(e) => {
                 steps.iter_mut().for_each(|s| s.state.poisoned = true);
                 return Err(e);
             }
         };
-        let rows: Vec<Vec<usize>> = steps.iter().zip(&chunks).map(|(s, c)| logit_rows(s.logits, c)).collect();
+        let rows: Vec<Vec<usize>> = steps.iter().zip(&layout.outputs).map(|(s, c)| logit_rows(s.logits, c)).collect();
         let mut logits = self.logits(&streams, &rows.concat(), &mtp.hc_head, &mtp.norm).into_iter();
         let vocab = self.cfg.vocab_size;
         Ok(steps
             .iter_mut()
-            .zip(&chunks)
+            .zip(&layout.chunks)
             .zip(&rows)
             .map(|((s, c), r)| {
                 s.state.mtp_pos += c.len;
@@ -313,6 +320,22 @@ fn batch_layout<'a>(parts: impl Iterator<Item = (usize, &'a [u32])>) -> (Vec<u32
     (ids, chunks)
 }
 
+/// The first token of chunk `c` whose logits `mode` asks for (`c.len`: none).
+fn first_logit(mode: LogitRows, c: &Chunk) -> usize {
+    match mode {
+        LogitRows::Last => c.len - 1,
+        LogitRows::All => 0,
+        LogitRows::None => c.len,
+    }
+}
+
+/// The first token of a step's chunk whose final streams someone reads: for its logits, or
+/// all of them when the streams are returned.
+fn first_read(step: &Step<'_>, c: &Chunk) -> usize {
+    if step.keep_streams { 0 } else { first_logit(step.logits, c) }
+}
+
+/// The rows of an output chunk (the tokens `first_logit` kept) that produce logits.
 fn logit_rows(mode: LogitRows, c: &Chunk) -> Vec<usize> {
     match mode {
         LogitRows::Last => vec![c.row0 + c.len - 1],

@@ -4,8 +4,8 @@
 use crate::config::{AttentionKind, ModelConfig};
 use crate::layers::attention::AttentionState;
 
-/// Everything a sequence carries between steps.
-#[derive(Clone, Debug)]
+/// Everything a sequence carries between steps (equal states: bitwise the same caches).
+#[derive(Clone, Debug, PartialEq)]
 pub struct SequenceState {
     /// Tokens processed so far (the next token's position).
     pub(crate) pos: usize,

@@ -9,6 +9,7 @@
 use rayon::prelude::*;
 
 use super::QuantSim;
+use super::chunk::{Chunk, Layout};
 use super::compressor::{Compressor, CompressorState, KV_SIM_BLOCK, Projected};
 use super::indexer::Indexer;
 use super::linear::Linear;
@@ -50,7 +51,7 @@ pub struct Attention {
 }
 
 /// One sequence's caches for this layer.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct AttentionState {
     /// Ring of the last `window` latents; position `t` lives in slot `t mod window`.
     window: Vec<f32>,
@@ -80,14 +81,6 @@ impl AttentionState {
 const QUERY_BLOCK: usize = 16;
 /// Chunks at least this long run their indexer and compressor state machines on two threads.
 const PARALLEL_ABSORB_TOKENS: usize = 16;
-
-/// Where a sequence's tokens sit in the call: positions `t0..t0+len`, rows `row0..row0+len`.
-#[derive(Clone, Copy, Debug)]
-pub struct Chunk {
-    pub t0: usize,
-    pub len: usize,
-    pub row0: usize,
-}
 
 impl Attention {
     pub fn load(ckpt: &Checkpoint, layer: usize, quantize_inputs: bool) -> Result<Self, ModelError> {
@@ -156,39 +149,58 @@ impl Attention {
     }
 
     /// Runs the layer for every chunk; `x` is `[T, dim]` (after `attn_norm`), rows ordered as
-    /// the chunks say. Returns `[T, dim]`.
-    pub fn forward(&self, x: &[f32], chunks: &[Chunk], states: &mut [&mut AttentionState], sim: QuantSim) -> Vec<f32> {
-        let tokens: usize = chunks.iter().map(|c| c.len).sum();
+    /// the chunks say. Every token's keys enter the caches; outputs are computed for the
+    /// layout's output tokens only. Returns `[layout.output_tokens(), dim]`.
+    pub fn forward(&self, x: &[f32], layout: &Layout, states: &mut [&mut AttentionState], sim: QuantSim) -> Vec<f32> {
+        let (chunks, outputs) = (&layout.chunks, &layout.outputs);
+        let tokens = layout.tokens();
         let (h, hd) = (self.n_heads, self.head_dim);
         let positions: Vec<usize> = chunks.iter().flat_map(|c| c.t0..c.t0 + c.len).collect();
         let angles: Vec<RopeAngles> = map_rows(tokens, 4 * self.rope_dim, |i| self.rope.angles(positions[i]));
+        let q_tokens = layout.output_tokens();
+        let (xq, q_angles) = (layout.gather(x, x.len() / tokens), layout.gather(&angles, 1));
 
-        // Every projection of x at once, then every projection of the query latent qr.
-        let mut of_x: Vec<(&Linear, &[f32])> = vec![(&self.wq_a, x), (&self.wkv, x)];
+        // Every projection at once (the queries' of the output rows, the keys' of all rows),
+        // then every projection of the query latent qr.
+        let mut projections: Vec<(&Linear, &[f32])> = vec![(&self.wq_a, &xq)];
+        if let Some(ix) = &self.indexer {
+            projections.push((&ix.weights_proj, &xq));
+        }
+        let of_queries = projections.len();
+        projections.push((&self.wkv, x));
         if let Some(c) = &self.compressor {
-            of_x.extend([(&c.wkv, x), (&c.wgate, x)]);
+            projections.extend([(&c.wkv, x), (&c.wgate, x)]);
         }
         if let Some(ix) = &self.indexer {
-            of_x.extend([(&ix.compressor.wkv, x), (&ix.compressor.wgate, x), (&ix.weights_proj, x)]);
+            projections.extend([(&ix.compressor.wkv, x), (&ix.compressor.wgate, x)]);
         }
-        let mut outs = Linear::forward_many(&of_x, tokens).into_iter();
+        let mut outs = if layout.is_all() {
+            Linear::forward_many(&projections, tokens)
+        } else {
+            let mut q = Linear::forward_many(&projections[..of_queries], q_tokens);
+            q.extend(Linear::forward_many(&projections[of_queries..], tokens));
+            q
+        }
+        .into_iter();
         let mut next = || outs.next().expect("one output per projection");
-        let (mut qr, mut kv) = (next(), next());
+        let mut qr = next();
+        let index_weights = self.indexer.as_ref().map(|_| next());
+        let mut kv = next();
         let projected = self.compressor.as_ref().map(|_| Projected { kv: next(), score: next() });
-        let index_proj = self.indexer.as_ref().map(|_| (Projected { kv: next(), score: next() }, next()));
+        let index_proj = self.indexer.as_ref().map(|_| Projected { kv: next(), score: next() });
         self.q_norm.apply(&mut qr);
         let mut of_qr: Vec<(&Linear, &[f32])> = vec![(&self.wq_b, &qr)];
         if let Some(ix) = &self.indexer {
             of_qr.push((&ix.wq_b, &qr));
         }
-        let mut outs = Linear::forward_many(&of_qr, tokens).into_iter();
+        let mut outs = Linear::forward_many(&of_qr, q_tokens).into_iter();
         let mut q = outs.next().expect("wq_b output");
         let index_q = outs.next();
 
         // Queries: weightless per-head norm, RoPE.
         for_each_row(&mut q, h * hd, |t, row| {
             rms_normalize(row, hd, self.eps);
-            row.chunks_exact_mut(hd).for_each(|head| angles[t].rotate(head));
+            row.chunks_exact_mut(hd).for_each(|head| q_angles[t].rotate(head));
         });
 
         // The window latent (key = value), FP8-simulated on its non-rotary channels.
@@ -201,9 +213,9 @@ impl Attention {
         });
 
         // Compressed entries and indexer keys: state machines per sequence.
-        let index_inputs = match (&self.indexer, index_q, index_proj) {
-            (Some(ix), Some(iq), Some((p, w))) => {
-                Some((ix.queries(iq, &angles, sim.indexer_fp4), ix.head_weights(w), p))
+        let index_inputs = match (&self.indexer, index_q, index_weights, index_proj) {
+            (Some(ix), Some(iq), Some(w), Some(p)) => {
+                Some((ix.queries(iq, &q_angles, sim.indexer_fp4), ix.head_weights(w), p))
             }
             _ => None,
         };
@@ -235,28 +247,29 @@ impl Attention {
         });
 
         // Attention in blocks of consecutive queries, blocks in parallel (states are read-only).
-        let mut o = vec![0.0f32; tokens * h * hd];
+        let mut o = vec![0.0f32; q_tokens * h * hd];
         {
             let shared: Vec<&AttentionState> = states.iter().map(|s| &**s).collect();
             let mut blocks: Vec<(usize, std::ops::Range<usize>, &mut [f32])> = Vec::new();
             let mut rest: &mut [f32] = &mut o;
-            for (seq, c) in chunks.iter().enumerate() {
-                for s0 in (0..c.len).step_by(QUERY_BLOCK) {
-                    let s1 = (s0 + QUERY_BLOCK).min(c.len);
+            for (seq, oc) in outputs.iter().enumerate() {
+                for s0 in (0..oc.len).step_by(QUERY_BLOCK) {
+                    let s1 = (s0 + QUERY_BLOCK).min(oc.len);
                     let (head, tail) = std::mem::take(&mut rest).split_at_mut((s1 - s0) * h * hd);
-                    blocks.push((seq, s0..s1, head));
+                    blocks.push((seq, oc.row0 + s0..oc.row0 + s1, head));
                     rest = tail;
                 }
             }
             let index = index_inputs.as_ref().map(|(qi, wi, _)| (qi, wi));
-            blocks.into_par_iter().for_each(|(seq, range, out)| {
-                let c = chunks[seq];
-                let rows = c.row0 + range.start..c.row0 + range.end;
-                let k = self.gather_block(shared[seq], &kv, c, range, index);
-                let q_rows = &q[rows.start * h * hd..rows.end * h * hd];
-                attend_block(q_rows, &k, &self.sink, self.scale, hd, out);
-                for (row, o_row) in rows.zip(out.chunks_exact_mut(h * hd)) {
-                    o_row.chunks_exact_mut(hd).for_each(|head| angles[row].unrotate(head));
+            blocks.into_par_iter().for_each(|(seq, q_rows, out)| {
+                let (c, oc) = (chunks[seq], outputs[seq]);
+                // The block's tokens as positions within the sequence's chunk.
+                let skipped = oc.t0 - c.t0;
+                let range = skipped + q_rows.start - oc.row0..skipped + q_rows.end - oc.row0;
+                let k = self.gather_block(shared[seq], &kv, c, range, q_rows.clone(), index);
+                attend_block(&q[q_rows.start * h * hd..q_rows.end * h * hd], &k, &self.sink, self.scale, hd, out);
+                for (row, o_row) in q_rows.zip(out.chunks_exact_mut(h * hd)) {
+                    o_row.chunks_exact_mut(hd).for_each(|head| q_angles[row].unrotate(head));
                 }
             });
         }
@@ -271,18 +284,20 @@ impl Attention {
                 state.window[slot * hd..(slot + 1) * hd].copy_from_slice(src);
             }
         }
-        self.project_out(&o, tokens)
+        self.project_out(&o, q_tokens)
     }
 
-    /// The keys a block of queries (chunk `c`, tokens `range`) attends to: the shared keys (the
-    /// window positions up to the block's last token, then for HCA the complete blocks), each
-    /// query's view of them, and each query's own keys (for CSA: its top-k picks).
+    /// The keys a block of queries (chunk `c`, tokens `range`; query rows `q_rows` of the
+    /// indexer's inputs) attends to: the shared keys (the window positions up to the block's last
+    /// token, then for HCA the complete blocks), each query's view of them, and each query's own
+    /// keys (for CSA: its top-k picks).
     fn gather_block(
         &self,
         state: &AttentionState,
         kv: &[f32],
         c: Chunk,
         range: std::ops::Range<usize>,
+        q_rows: std::ops::Range<usize>,
         index: Option<(&Vec<f32>, &Vec<f32>)>,
     ) -> BlockKeys {
         let hd = self.head_dim;
@@ -317,11 +332,10 @@ impl Attention {
                 let ix = self.indexer.as_ref().expect("CSA layer has an indexer");
                 let (qi, wi) = index.expect("CSA layer computed indexer inputs");
                 let (hi, di) = (ix.heads(), ix.head_dim());
-                let rows = c.row0 + range.start..c.row0 + range.end;
                 let visible: Vec<usize> = range.clone().map(|s| (c.t0 + s + 1) / crate::config::CSA_RATIO).collect();
                 let picks = ix.select_block(
-                    &qi[rows.start * hi * di..rows.end * hi * di],
-                    &wi[rows.start * hi..rows.end * hi],
+                    &qi[q_rows.start * hi * di..q_rows.end * hi * di],
+                    &wi[q_rows.start * hi..q_rows.end * hi],
                     &state.index_keys,
                     &visible,
                 );
@@ -338,6 +352,9 @@ impl Attention {
 
     /// Grouped low-rank output: `u_g = Wo_a[g] · o_g`, then `Wo_b · concat(u)`.
     fn project_out(&self, o: &[f32], tokens: usize) -> Vec<f32> {
+        if tokens == 0 {
+            return Vec::new();
+        }
         let (g_n, r) = (self.groups, self.o_rank);
         let gw = o.len() / tokens / g_n;
         // Each group's input is its heads' outputs, and its weight a row block of wo_a.

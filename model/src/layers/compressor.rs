@@ -36,7 +36,7 @@ pub struct Compressor {
 
 /// Partial-block state carried between calls (fp32, official layout): with overlap, rows
 /// `0..m` hold the previous complete block and rows `m..2m` the current one.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct CompressorState {
     kv: Vec<f32>,
     score: Vec<f32>,

@@ -1,6 +1,7 @@
 //! Manifold-constrained hyper-connections (mHC, spec §4): `n` residual streams per token, mixed
 //! before and after every sublayer by coefficients computed from the streams themselves.
 
+use super::chunk::Layout;
 use super::rows::{for_each_row, for_each_row_costing};
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
@@ -30,6 +31,12 @@ pub struct HcMix {
 }
 
 impl HcMix {
+    /// The mixes of the layout's output tokens only.
+    pub fn rows(self, layout: &Layout) -> HcMix {
+        let width = (2 + self.n) * self.n;
+        HcMix { n: self.n, values: layout.gather(&self.values, width).into_owned() }
+    }
+
     fn token(&self, t: usize) -> (&[f32], &[f32], &[f32]) {
         let n = self.n;
         let v = &self.values[t * (2 + n) * n..(t + 1) * (2 + n) * n];

@@ -2,6 +2,7 @@
 //! indexer, the attention layer, routing and the expert FFN.
 
 pub mod attention;
+pub mod chunk;
 pub mod compressor;
 pub mod ffn;
 pub mod indexer;

@@ -203,8 +203,10 @@ fn counters_move_by_what_the_requests_imply_and_traces_reach_every_process() {
     assert!(chat.header("x-request-id").is_some_and(|id| id.starts_with("chatcmpl-")), "{}", chat.head);
 
     let (generations, prompt, completion_tokens) = expected;
-    // Every token but each generation's last goes through every MoE layer once.
-    let forwarded = prompt + completion_tokens - generations;
+    // Every token but each generation's last goes through every MoE layer but the last once; the
+    // last layer computes only the rows that yield logits (each prefill's last token, then each
+    // decode token): one per generated token.
+    let forwarded = (prompt + completion_tokens - generations) * (LAYERS - 1.0) + completion_tokens;
     let scrapes = c.scrape();
     let of = |who: &str| &scrapes.iter().find(|(n, _)| n == who).unwrap().1;
     let (gw, att) = (of("gateway"), of("attention"));
@@ -229,7 +231,7 @@ fn counters_move_by_what_the_requests_imply_and_traces_reach_every_process() {
     assert_eq!(sum(gw, "expertmesh_request_errors_total", &[("role", "gateway"), ("kind", "invalid_argument")]), 1.0);
     assert_eq!(sum(gw, "expertmesh_request_errors_total", &[]), 1.0);
     assert_eq!(sum(att, "expertmesh_request_errors_total", &[]), 0.0);
-    assert_eq!(sum(att, "expertmesh_dispatch_tokens_total", &[]), forwarded * LAYERS);
+    assert_eq!(sum(att, "expertmesh_dispatch_tokens_total", &[]), forwarded);
     assert_eq!(sum(att, "expertmesh_dispatch_failovers_total", &[]), 0.0);
     assert!(sum(att, "expertmesh_step_batch_size_count", &[]) > 0.0);
     assert_eq!(sum(att, "expertmesh_model_info", &[("routed_experts", "16"), ("experts_per_token", "4")]), 1.0);
@@ -244,8 +246,8 @@ fn counters_move_by_what_the_requests_imply_and_traces_reach_every_process() {
     let experts = &scrapes[2..];
     assert_eq!(
         total(experts, "expertmesh_expert_routed_tokens_total", &[]),
-        forwarded * LAYERS * EXPERTS_PER_TOKEN,
-        "per-expert counts sum to tokens × experts per token × layers"
+        forwarded * EXPERTS_PER_TOKEN,
+        "per-expert counts sum to (token, layer) pairs × experts per token"
     );
     assert_eq!(
         total(experts, "expertmesh_expert_forward_calls_total", &[]),
