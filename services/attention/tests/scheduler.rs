@@ -131,8 +131,11 @@ fn stop_tokens_context_length_and_oversized_requests() {
     let e = sched.submit(params("too-long", prompt(3, 64), 4)).unwrap_err();
     assert!(e.to_string().starts_with("prompt_tokens"), "{e}");
     let tiny_budget = s.scheduler(EngineOptions { kv_budget_bytes: 1000, ..EngineOptions::default() });
+    // A request that could never fit the KV budget is a bad request (retrying cannot help), not
+    // overload.
     let e = tiny_budget.submit(params("big", prompt(4, 20), 4)).unwrap_err();
-    assert_eq!(e.kind(), "resource_exhausted", "{e}");
+    assert_eq!(e.kind(), "invalid_argument", "{e}");
+    assert!(e.to_string().starts_with("sampling.max_tokens"), "{e}");
 }
 
 #[test]

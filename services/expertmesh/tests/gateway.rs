@@ -22,12 +22,17 @@ struct Cluster {
 }
 
 fn cluster(attention_workers: usize, gateway_args: &[&str]) -> Cluster {
+    cluster_with(attention_workers, &[], gateway_args)
+}
+
+fn cluster_with(attention_workers: usize, attention_args: &[&str], gateway_args: &[&str]) -> Cluster {
     let etcd = EtcdServer::start();
     let e = etcd.endpoint();
     let base = ["--vocab-size", VOCAB, "--etcd", e.as_str(), "--lease-ttl", "2"];
     let experts = vec![Worker::expert("0-7", &base), Worker::expert("8-15", &base)];
     let mut args = base.to_vec();
     args.extend_from_slice(&["--wire-dtype", "f32"]);
+    args.extend_from_slice(attention_args);
     let attention = (0..attention_workers).map(|_| Worker::spawn("attention", &args)).collect();
     let mut gw = gateway_flags(&tokenizer_path(), &e, "/expertmesh");
     gw.extend(gateway_args.iter().map(|a| a.to_string()));
@@ -294,6 +299,7 @@ fn bad_requests_disconnects_and_overload() {
     check(post(&url, "/v1/chat/completions", &json!({"messages": "hi"}), &[]), 400, "messages");
     check(post(&url, "/v1/chat/completions", &json!({"messages": []}), &[]), 400, "messages");
     check(post(&url, "/v1/completions", &json!({"prompt": "x", "max_tokens": 1_000_000}), &[]), 400, "max_tokens");
+    check(post(&url, "/v1/completions", &json!({"prompt": "x", "stop": ["ab".repeat(600)]}), &[]), 400, "stop");
     // Over the model's context (4096 positions): the engine's verdict, passed through.
     let long: Vec<u32> = (0..5000).map(|i| 100 + i % 1000).collect();
     check(post(&url, "/v1/completions", &json!({"prompt": long, "max_tokens": 4}), &[]), 400, "context");
@@ -372,4 +378,63 @@ fn bad_requests_disconnects_and_overload() {
     check(post(&lonely.endpoint, "/v1/completions", &json!({"prompt": "x"}), &[]), 503, "no attention worker");
     assert!(t.elapsed() < Duration::from_secs(2));
     assert_eq!(finish(Vec::new(), send(&lonely.endpoint, "GET", "/ready", "", &[])).status, 503);
+}
+
+/// A client that disconnects while its request waits in the engine's queue (or prefills) frees
+/// it at once, over HTTP (SSE) and gRPC alike: the request leaves the queue while the one ahead
+/// of it still runs, rather than being admitted, prefilled and cancelled at its first token.
+#[test]
+fn a_client_gone_while_queued_frees_its_request() {
+    let c = cluster_with(1, &["--max-running", "1"], &[]);
+    let url = c.gateway.endpoint.clone();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let stats = || {
+        rt.block_on(async {
+            let mut client = common::engine_client(&c.attention[0].endpoint).await;
+            client.get_stats(expertmesh_proto::v1::StatsRequest {}).await.unwrap().into_inner()
+        })
+    };
+    let wait_for = |what: &str, done: &dyn Fn(&expertmesh_proto::v1::EngineStats) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let s = stats();
+            if done(&s) {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "{what}: {s:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    // The one running request: long enough to outlast everything below.
+    let long = json!({"prompt": "Tell a long story", "max_tokens": 4000, "stream": true});
+    let running = send(&url, "POST", "/v1/completions", &long.to_string(), &[]);
+    wait_for("the long request runs", &|s| s.running == 1);
+
+    // An SSE client queued behind it, then gone.
+    let queued = send(
+        &url,
+        "POST",
+        "/v1/completions",
+        &json!({"prompt": "hi", "max_tokens": 8, "stream": true}).to_string(),
+        &[],
+    );
+    wait_for("the second request queues", &|s| s.waiting == 1);
+    drop(queued);
+    let s = wait_for("the abandoned request leaves the queue", &|s| s.waiting == 0);
+    assert_eq!(s.running, 1, "it left because the queue moved on: {s:?}");
+
+    // A gRPC client queued behind it, then gone.
+    let grpc_url = c.gateway.line.split("(gRPC ").nth(1).unwrap().trim_end_matches(')').to_string();
+    let (client, events) = rt.block_on(async {
+        let mut client = expertmesh_client::Client::connect(&grpc_url).await.unwrap();
+        let options = expertmesh_client::Options { max_tokens: 8, ..Default::default() };
+        let events = client.complete("hi", options).await.unwrap();
+        (client, events)
+    });
+    wait_for("the gRPC request queues", &|s| s.waiting == 1);
+    drop(events);
+    let s = wait_for("the abandoned gRPC request leaves the queue", &|s| s.waiting == 0);
+    assert_eq!(s.running, 1, "it left because the queue moved on: {s:?}");
+    drop(client);
+    drop(running);
 }

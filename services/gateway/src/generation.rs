@@ -141,7 +141,11 @@ async fn drive(router: &EngineRouter, req: GenRequest, tx: &mpsc::Sender<Update>
             sampling: Some(sampling),
         });
         req.trace.inject(request.metadata_mut());
-        let mut stream = match lease.client.generate(request).await {
+        let call = tokio::select! {
+            call = lease.client.generate(request) => call,
+            () = tx.closed() => return Ok(()), // the caller went away
+        };
+        let mut stream = match call {
             Ok(s) => s.into_inner(),
             Err(status) if worker_failure(&status) => {
                 tracing::warn!(worker = %lease.id, %status, "attention worker refused; trying another");
@@ -152,10 +156,16 @@ async fn drive(router: &EngineRouter, req: GenRequest, tx: &mpsc::Sender<Update>
             Err(status) => return Err(status.into()),
         };
         loop {
-            match stream.message().await {
+            let message = tokio::select! {
+                message = stream.message() => message,
+                // The caller went away while no token was due (queued, prefilling): dropping the
+                // stream cancels the engine's work now, not at its first token.
+                () = tx.closed() => return Ok(()),
+            };
+            match message {
                 Ok(Some(ev)) => match ev.event {
                     Some(Event::Admitted(_)) => {
-                        let _ = tx.send(Update::Admitted).await; // a gone caller shows at the next token
+                        let _ = tx.send(Update::Admitted).await; // a gone caller shows at the next wait
                     }
                     Some(Event::Token(t)) => {
                         generated.push(t.token_id);

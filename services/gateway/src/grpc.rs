@@ -94,7 +94,16 @@ impl InferenceService {
                 plan.reasoning,
                 plan.tools,
             );
-            while let Some(ev) = events.recv().await {
+            let mut completion_tokens = 0u32;
+            loop {
+                let next = tokio::select! {
+                    next = events.recv() => next,
+                    () = tx.closed() => return, // the client went away while no event was due
+                };
+                let Some(ev) = next else { break };
+                if let Ok(GenEvent::Token { .. }) = ev {
+                    completion_tokens += 1;
+                }
                 let out = match ev {
                     Err(e) => Err(Status::from(ApiError::from(e))),
                     Ok(GenEvent::Token { id, .. }) => match text.push(id) {
@@ -132,6 +141,7 @@ impl InferenceService {
                         let done = Done {
                             finish_reason: "stop".into(),
                             prompt_tokens: plan.prompt.len() as u32,
+                            completion_tokens,
                             ..Default::default()
                         };
                         let _ = tx.send(Ok(InferenceEvent { event: Some(Event::Done(done)) })).await;

@@ -158,11 +158,16 @@ impl Scheduler {
         })?;
         let need = (self.state_bytes)(self.full_length(&p));
         if need > self.opts.kv_budget_bytes {
-            return Err(ServiceError::ResourceExhausted(format!(
-                "the request's state ({need} bytes at {} tokens) exceeds the engine's KV budget of {} bytes",
-                self.full_length(&p),
-                self.opts.kv_budget_bytes
-            )));
+            // Never admissible here, however long the client waits: a bad request, not overload.
+            return Err(ServiceError::invalid(
+                "sampling.max_tokens",
+                format!(
+                    "the prompt plus max_tokens ({} tokens) needs {need} bytes of sequence state, more than \
+                     the engine's KV budget of {} bytes: lower max_tokens or shorten the prompt",
+                    self.full_length(&p),
+                    self.opts.kv_budget_bytes
+                ),
+            ));
         }
         if self.stats.waiting.load(Ordering::Relaxed) as usize >= self.opts.max_waiting {
             return Err(ServiceError::ResourceExhausted(format!("{} requests already waiting", self.opts.max_waiting)));
@@ -170,7 +175,10 @@ impl Scheduler {
         let (events, rx) = tokio_mpsc::unbounded_channel();
         let sub = sequence::Submission { params: p, state_bytes: need, events, submitted: Instant::now() };
         self.stats.waiting.fetch_add(1, Ordering::Relaxed);
-        self.tx.send(Msg::Submit(Box::new(sub))).map_err(|_| ServiceError::Unavailable("engine stopped".into()))?;
+        if self.tx.send(Msg::Submit(Box::new(sub))).is_err() {
+            self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+            return Err(ServiceError::Unavailable("engine stopped".into()));
+        }
         Ok(rx)
     }
 

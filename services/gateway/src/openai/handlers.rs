@@ -192,6 +192,10 @@ pub(crate) struct Plan {
     pub(crate) logprobs: bool,
 }
 
+/// Stop strings per request, and bytes per stop string, at most.
+const MAX_STOPS: usize = 16;
+const MAX_STOP_BYTES: usize = 1024;
+
 pub(crate) fn plan(s: &AppState, p: &Sampling, prompt: Vec<u32>) -> Result<Plan, ApiError> {
     let l = &s.limits;
     if let Some(m) = &p.model
@@ -238,8 +242,12 @@ pub(crate) fn plan(s: &AppState, p: &Sampling, prompt: Vec<u32>) -> Result<Plan,
         }
     };
     let stops = p.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
-    if stops.len() > 16 || stops.iter().any(|s| s.is_empty()) {
-        return Err(ApiError::invalid("stop", "at most 16 non-empty strings"));
+    // Every stop string is searched for after every token: their number and length are bounded.
+    if stops.len() > MAX_STOPS || stops.iter().any(|s| s.is_empty() || s.len() > MAX_STOP_BYTES) {
+        return Err(ApiError::invalid(
+            "stop",
+            format!("at most {MAX_STOPS} non-empty strings of at most {MAX_STOP_BYTES} bytes each"),
+        ));
     }
     Ok(Plan {
         prompt,
@@ -546,7 +554,14 @@ async fn stream_events(
             }
         }
     }
-    while let Some((i, ev)) = merged.next().await {
+    loop {
+        let next = tokio::select! {
+            next = merged.next() => next,
+            // The client went away while no event was due (queued, prefilling): dropping
+            // `merged` cancels the generations now, not at their first token.
+            () = tx.closed() => return,
+        };
+        let Some((i, ev)) = next else { break };
         let out = match ev {
             Err(e) => {
                 let _ = tx.send(sse(&ApiError::from(e).body())).await;
