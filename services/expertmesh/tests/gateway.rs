@@ -75,6 +75,16 @@ fn completions_and_chat_over_http_streaming_and_not() {
     let eos_at = expected_tokens.iter().position(|&t| t == 1).unwrap_or(expected_tokens.len());
     assert_eq!(v["choices"][0]["text"], tok.decode(&expected_tokens[..eos_at]).unwrap());
     assert_eq!(v["usage"]["prompt_tokens"], ids.len());
+    // The same prompt as a one-element list (LangChain's `OpenAI` sends that), as text and as ids.
+    for list in [json!([prompt]), json!([ids])] {
+        let r = post(url, "/v1/completions", &json!({"prompt": list, "max_tokens": 10, "temperature": 0}), &[]);
+        assert_eq!(r.status, 200, "{}", r.body);
+        let w: Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(w["choices"][0]["text"], v["choices"][0]["text"], "{list}");
+    }
+    let r = post(url, "/v1/completions", &json!({"prompt": ["a", "b"], "max_tokens": 1}), &[]);
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("prompt") && r.body.contains("batch of 2"), "{}", r.body);
 
     // Log-probabilities of the generated tokens (the greedy token is the most likely one, so its
     // log-probability is the largest of the step: ≤ 0 and > ln(1/vocab)).

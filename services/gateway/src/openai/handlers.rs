@@ -277,9 +277,20 @@ async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, body: B
         authorize(&s, &headers)?;
         let req: CompletionRequest = parse(&body)?;
         let sampling: Sampling = parse(&body)?;
+        let batch =
+            |n: usize| ApiError::invalid("prompt", format!("a batch of {n} prompts; send one prompt per request"));
+        let text = |t: &str| s.tokenizer.encode(t).map_err(|e| ApiError::invalid("prompt", e.to_string()));
         let prompt = match &req.prompt {
-            Prompt::Text(t) => s.tokenizer.encode(t).map_err(|e| ApiError::invalid("prompt", e.to_string()))?,
+            Prompt::Text(t) => text(t)?,
             Prompt::Tokens(t) => t.clone(),
+            Prompt::Texts(v) => match v.as_slice() {
+                [t] => text(t)?,
+                _ => return Err(batch(v.len())),
+            },
+            Prompt::TokenLists(v) => match v.as_slice() {
+                [t] => t.clone(),
+                _ => return Err(batch(v.len())),
+            },
         };
         let plan = plan(&s, &sampling, prompt)?;
         Ok::<_, ApiError>(plan)

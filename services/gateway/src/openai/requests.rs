@@ -23,11 +23,15 @@ impl OneOrMany {
     }
 }
 
+/// A completion prompt in any of OpenAI's four shapes. Lists hold a batch of prompts (LangChain's
+/// `OpenAI` sends even one prompt as a one-element list).
 #[derive(Deserialize, Debug, Clone)]
 #[serde(untagged)]
 pub enum Prompt {
     Text(String),
     Tokens(Vec<u32>),
+    Texts(Vec<String>),
+    TokenLists(Vec<Vec<u32>>),
 }
 
 #[derive(Deserialize, Debug, Clone, Default)]
