@@ -154,20 +154,27 @@ impl InferenceService {
         Ok(Box::pin(ReceiverStream::new(rx)))
     }
 
-    fn generate_plan(&self, request: Request<InferenceRequest>) -> Result<Plan, Status> {
+    /// Token ids of a request's text, tokenized off the async runtime; errors name `field`.
+    async fn encode_text(&self, text: String, field: &str) -> Result<Vec<u32>, Status> {
+        self.state
+            .tokenizer
+            .encode_off_runtime(text)
+            .await
+            .map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
+    }
+
+    async fn generate_plan(&self, request: Request<InferenceRequest>) -> Result<Plan, Status> {
         self.authorize(&request)?;
         let r = request.into_inner();
         let prompt = match r.prompt {
-            Some(inference_request::Prompt::Text(t)) => {
-                self.state.tokenizer.encode(&t).map_err(|e| Status::invalid_argument(format!("prompt: {e}")))?
-            }
+            Some(inference_request::Prompt::Text(t)) => self.encode_text(t, "prompt").await?,
             Some(inference_request::Prompt::Tokens(t)) => t.ids,
             None => return Err(Status::invalid_argument("prompt: missing (text or tokens)")),
         };
         Ok(plan(&self.state, &Self::sampling(r.options), prompt)?)
     }
 
-    fn chat_plan(&self, request: Request<GrpcChat>) -> Result<Plan, Status> {
+    async fn chat_plan(&self, request: Request<GrpcChat>) -> Result<Plan, Status> {
         self.authorize(&request)?;
         let r = request.into_inner();
         if r.messages.is_empty() {
@@ -190,8 +197,7 @@ impl InferenceService {
         let messages: Vec<Message> = r.messages.into_iter().map(to_message).collect();
         let text =
             chat::encode_chat(&messages, &opts).map_err(|e| Status::invalid_argument(format!("messages: {e}")))?;
-        let prompt =
-            self.state.tokenizer.encode(&text).map_err(|e| Status::invalid_argument(format!("messages: {e}")))?;
+        let prompt = self.encode_text(text, "messages").await?;
         let mut plan = plan(&self.state, &Self::sampling(r.options), prompt)?;
         plan.reasoning = r.thinking;
         plan.tools = !tools.is_empty();
@@ -235,21 +241,17 @@ impl Inference for InferenceService {
 
     async fn generate(&self, request: Request<InferenceRequest>) -> Result<Response<EventStream>, Status> {
         let ctx = self.context(&request, "cmpl");
-        self.start(self.generate_plan(request), ctx)
+        self.start(self.generate_plan(request).await, ctx)
     }
 
     async fn chat(&self, request: Request<GrpcChat>) -> Result<Response<EventStream>, Status> {
         let ctx = self.context(&request, "chatcmpl");
-        self.start(self.chat_plan(request), ctx)
+        self.start(self.chat_plan(request).await, ctx)
     }
 
     async fn tokenize(&self, request: Request<TokenizeRequest>) -> Result<Response<TokenizeResponse>, Status> {
         self.authorize(&request)?;
-        let ids = self
-            .state
-            .tokenizer
-            .encode(&request.into_inner().text)
-            .map_err(|e| Status::invalid_argument(format!("text: {e}")))?;
+        let ids = self.encode_text(request.into_inner().text, "text").await?;
         Ok(Response::new(TokenizeResponse { ids }))
     }
 

@@ -2,6 +2,7 @@
 //! crate built without C/C++ (its fancy-regex backend handles DeepSeek's pre-tokenizer regexes).
 
 use std::path::Path;
+use std::sync::Arc;
 use thiserror::Error;
 
 #[derive(Debug, Error, Clone, PartialEq)]
@@ -32,6 +33,16 @@ impl Tokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TextError> {
         let enc = self.inner.encode_fast(text, false).map_err(|e| TextError::Encode(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// [`encode`](Self::encode) on the blocking pool: a long text (a prompt near the 4 MiB body
+    /// limit takes the tokenizer seconds) would otherwise hold one of the async runtime's few
+    /// threads, and every other request's streams, health checks and metrics with it.
+    pub async fn encode_off_runtime(self: &Arc<Self>, text: String) -> Result<Vec<u32>, TextError> {
+        let tokenizer = self.clone();
+        tokio::task::spawn_blocking(move || tokenizer.encode(&text))
+            .await
+            .map_err(|e| TextError::Encode(format!("the tokenizer task failed: {e}")))?
     }
 
     /// The text of `ids`, special tokens included (they are part of what the model wrote).

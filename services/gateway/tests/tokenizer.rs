@@ -72,3 +72,24 @@ fn ids_beyond_the_vocabulary_stream_no_text() {
     out += &dec.finish().unwrap();
     assert_eq!(out, "héllo");
 }
+
+/// A long text is tokenized off the async runtime: on a one-thread runtime, other tasks keep
+/// running while the tokenizer works (tokenized on the runtime's thread, the whole text would be
+/// done within one poll, and the loop below would see it finished at its first turn). The ids
+/// are those of the plain call.
+#[tokio::test(flavor = "current_thread")]
+async fn long_texts_are_tokenized_off_the_runtime() {
+    let tok = std::sync::Arc::new(tokenizer());
+    let text = TEXTS.concat().repeat(2000); // ~0.5 MB: a second or so of tokenizing
+    let task = tokio::spawn({
+        let (tok, text) = (tok.clone(), text.clone());
+        async move { tok.encode_off_runtime(text).await }
+    });
+    let mut turns = 0;
+    while !task.is_finished() {
+        tokio::task::yield_now().await;
+        turns += 1;
+    }
+    assert!(turns > 1, "the runtime's thread was held by the tokenizer");
+    assert_eq!(task.await.unwrap().unwrap(), tok.encode(&text).unwrap());
+}

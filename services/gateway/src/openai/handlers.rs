@@ -277,20 +277,11 @@ async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, body: B
         authorize(&s, &headers)?;
         let req: CompletionRequest = parse(&body)?;
         let sampling: Sampling = parse(&body)?;
-        let batch =
-            |n: usize| ApiError::invalid("prompt", format!("a batch of {n} prompts; send one prompt per request"));
-        let text = |t: &str| s.tokenizer.encode(t).map_err(|e| ApiError::invalid("prompt", e.to_string()));
-        let prompt = match &req.prompt {
-            Prompt::Text(t) => text(t)?,
-            Prompt::Tokens(t) => t.clone(),
-            Prompt::Texts(v) => match v.as_slice() {
-                [t] => text(t)?,
-                _ => return Err(batch(v.len())),
-            },
-            Prompt::TokenLists(v) => match v.as_slice() {
-                [t] => t.clone(),
-                _ => return Err(batch(v.len())),
-            },
+        let prompt = match req.prompt {
+            Prompt::Tokens(ids) => ids,
+            Prompt::TokenLists(list) => one_prompt(list)?,
+            Prompt::Text(text) => tokenize(&s, text, "prompt").await?,
+            Prompt::Texts(list) => tokenize(&s, one_prompt(list)?, "prompt").await?,
         };
         let plan = plan(&s, &sampling, prompt)?;
         Ok::<_, ApiError>(plan)
@@ -300,6 +291,22 @@ async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, body: B
         Ok(plan) => run(s, plan, Kind::Completion, ctx).instrument(span).await,
         Err(e) => span.in_scope(|| rejected(e, &ctx.id)),
     }
+}
+
+/// The one prompt of a list (LangChain's `OpenAI` sends even one prompt as a list).
+fn one_prompt<T>(list: Vec<T>) -> Result<T, ApiError> {
+    let n = list.len();
+    let mut list = list.into_iter();
+    match (list.next(), list.next()) {
+        (Some(one), None) => Ok(one),
+        _ => Err(ApiError::invalid("prompt", format!("a batch of {n} prompts; send one prompt per request"))),
+    }
+}
+
+/// Token ids of a request's text, tokenized off the async runtime (see
+/// [`Tokenizer::encode_off_runtime`]); errors name `field`.
+async fn tokenize(s: &AppState, text: String, field: &str) -> Result<Vec<u32>, ApiError> {
+    s.tokenizer.encode_off_runtime(text).await.map_err(|e| ApiError::invalid(field, e.to_string()))
 }
 
 async fn chat_completions(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
@@ -340,7 +347,7 @@ async fn chat_completions(State(s): State<Arc<AppState>>, headers: HeaderMap, bo
             response_format: None,
         };
         let text = encode_chat(&req.messages, &opts).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
-        let prompt = s.tokenizer.encode(&text).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+        let prompt = tokenize(&s, text, "messages").await?;
         let mut plan = plan(&s, &sampling, prompt)?;
         plan.reasoning = thinking;
         plan.tools = !tools.is_empty();
