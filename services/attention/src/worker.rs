@@ -85,8 +85,13 @@ pub async fn start(
         let (running, waiting) = s.load();
         Load { running: running as u32, waiting: waiting as u32, capacity }
     };
-    registry.announce(record(load(&scheduler))).await?;
-    info!(%id, %endpoint, "attention worker serving");
+    // The record is in the registry only while the worker can serve: gateways route to
+    // registered workers, so one whose experts are not all covered yet (or whose engine stopped)
+    // gets no requests, and a gateway with no such worker reports itself not ready.
+    if ready {
+        registry.announce(record(load(&scheduler))).await?;
+    }
+    info!(%id, %endpoint, ready, "attention worker serving");
 
     let task_id = id.clone();
     let drain = opts.drain;
@@ -99,15 +104,19 @@ pub async fn start(
             tokio::select! {
                 _ = stopping.wait() => break,
                 _ = tick.tick() => {
+                    let now = load(&scheduler);
                     if is_ready() != ready {
                         ready = !ready;
                         set_health(&health, ready).await;
-                    }
-                    let now = load(&scheduler);
-                    if now != last {
+                        let _ = if ready {
+                            registry.announce(record(now.clone())).await
+                        } else {
+                            registry.withdraw(&task_id).await
+                        };
+                    } else if ready && now != last {
                         let _ = registry.announce(record(now.clone())).await;
-                        last = now;
                     }
+                    last = now;
                 }
             }
         }

@@ -448,3 +448,43 @@ fn a_client_gone_while_queued_frees_its_request() {
     drop(client);
     drop(running);
 }
+
+/// An attention worker is routed to only while it can serve. Started before any expert worker,
+/// it stays out of the registry: the gateway is not ready and answers 503 at once, rather than
+/// sending requests it must fail. It joins when every routed expert has a live replica, and
+/// leaves again when a range of experts loses its last one.
+#[test]
+fn attention_workers_are_routed_to_only_while_ready() {
+    let etcd = EtcdServer::start();
+    let e = etcd.endpoint();
+    let base = ["--vocab-size", VOCAB, "--etcd", e.as_str(), "--lease-ttl", "2"];
+    let _attention = Worker::spawn("attention", &base);
+    let gw = gateway_flags(&tokenizer_path(), &e, "/expertmesh");
+    let gateway = Worker::spawn_plain("gateway", &gw.iter().map(String::as_str).collect::<Vec<_>>());
+    let ready = || finish(Vec::new(), send(&gateway.endpoint, "GET", "/ready", "", &[])).status;
+    let wait_until = |status: u16, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while ready() != status {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    // Long enough for a registered worker to reach the gateway's view (tens of milliseconds).
+    let watch_until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < watch_until {
+        assert_eq!(ready(), 503, "the gateway routes to an attention worker that has no experts");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let t = Instant::now();
+    let r = post(&gateway.endpoint, "/v1/completions", &json!({"prompt": "x", "max_tokens": 2}), &[]);
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(t.elapsed() < Duration::from_secs(2), "refused at once: {:?}", t.elapsed());
+
+    let mut experts = [Worker::expert("0-7", &base), Worker::expert("8-15", &base)];
+    wait_until(200, "the attention worker never joined once its experts were up");
+    let r = post(&gateway.endpoint, "/v1/completions", &json!({"prompt": "x", "max_tokens": 2}), &[]);
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    experts[1].kill9();
+    wait_until(503, "the attention worker stayed routed to after experts 8-15 lost their last replica");
+}
