@@ -188,6 +188,33 @@ fn completions_and_chat_over_http_streaming_and_not() {
     let r = post(url, "/v1/chat/completions", &json!({"messages": [{"role": "robot", "content": "x"}]}), &[]);
     assert_eq!(r.status, 400);
     assert!(r.body.contains("messages[0].role"), "{}", r.body);
+    // response_format: the schema goes into the prompt as DeepSeek's chat format states it (the
+    // prompt is exactly the encoder's with that schema); json_object asks for any object.
+    let messages = json!([{"role": "user", "content": "Reply in JSON."}]);
+    let schema = json!({"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]});
+    for (format, expected) in [
+        (json!({"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}), Some(schema.clone())),
+        (json!({"type": "json_object"}), Some(json!({"type": "object"}))),
+        (json!({"type": "text"}), None),
+    ] {
+        let body = json!({"messages": messages, "max_tokens": 1, "response_format": format});
+        let r = post(url, "/v1/chat/completions", &body, &[]);
+        assert_eq!(r.status, 200, "{}", r.body);
+        let opts =
+            expertmesh_gateway::ChatOptions { drop_thinking: true, response_format: expected, ..Default::default() };
+        let parsed: Vec<expertmesh_gateway::Message> = serde_json::from_value(messages.clone()).unwrap();
+        let prompt = tok.encode(&expertmesh_gateway::encode_chat(&parsed, &opts).unwrap()).unwrap();
+        let v: Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(v["usage"]["prompt_tokens"], prompt.len(), "{format}");
+    }
+    for (format, param) in [
+        (json!({"type": "yaml"}), "response_format.type"),
+        (json!({"type": "json_schema", "json_schema": {"name": "x"}}), "response_format.json_schema.schema"),
+    ] {
+        let r = post(url, "/v1/chat/completions", &json!({"messages": messages, "response_format": format}), &[]);
+        assert_eq!(r.status, 400, "{}", r.body);
+        assert!(r.body.contains(param), "{}", r.body);
+    }
     // The same through the gRPC SDK: streamed text equals the HTTP answers.
     let grpc_url = c.gateway.line.split("(gRPC ").nth(1).unwrap().trim_end_matches(')').to_string();
     let rt = tokio::runtime::Runtime::new().unwrap();

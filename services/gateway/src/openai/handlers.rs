@@ -293,6 +293,25 @@ async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, body: B
     }
 }
 
+/// The JSON schema an OpenAI `response_format` asks the reply to follow: DeepSeek's chat format
+/// states it in the system turn (the reply is not constrained token by token). `json_object`
+/// asks for any object.
+fn reply_schema(format: Option<&Value>) -> Result<Option<Value>, ApiError> {
+    let Some(format) = format else { return Ok(None) };
+    match format.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(json!({"type": "object"}))),
+        Some("json_schema") => match format.pointer("/json_schema/schema") {
+            Some(schema) if schema.is_object() => Ok(Some(schema.clone())),
+            _ => Err(ApiError::invalid("response_format.json_schema.schema", "missing or not an object")),
+        },
+        other => Err(ApiError::invalid(
+            "response_format.type",
+            format!("{} is not text, json_object or json_schema", other.map_or("missing".into(), |t| format!("{t:?}"))),
+        )),
+    }
+}
+
 /// The one prompt of a list (LangChain's `OpenAI` sends even one prompt as a list).
 fn one_prompt<T>(list: Vec<T>) -> Result<T, ApiError> {
     let n = list.len();
@@ -338,13 +357,14 @@ async fn chat_completions(State(s): State<Arc<AppState>>, headers: HeaderMap, bo
                 return Err(ApiError::invalid("reasoning_effort", format!("{other:?} is not low, high or max")));
             }
         };
+        let response_format = reply_schema(req.response_format.as_ref())?;
         let tools = req.tools.clone().unwrap_or_default();
         let opts = ChatOptions {
             thinking: if thinking { ThinkingMode::Thinking } else { ThinkingMode::Chat },
             drop_thinking: true,
             reasoning_effort,
             tools: tools.clone(),
-            response_format: None,
+            response_format,
         };
         let text = encode_chat(&req.messages, &opts).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
         let prompt = tokenize(&s, text, "messages").await?;

@@ -98,6 +98,8 @@ pub struct ChatRequest {
     pub thinking: Option<Thinking>,
     #[serde(default)]
     pub reasoning_effort: Option<String>,
+    #[serde(default)]
+    pub response_format: Option<Value>,
 }
 
 /// Parses a JSON body; the error names the field (`messages[2].role`, `max_tokens`).
