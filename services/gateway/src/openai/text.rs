@@ -142,7 +142,7 @@ impl<'t> TextAssembler<'t> {
 /// become JSON strings; others are JSON already (kept as text if they are not).
 pub fn parse_tool_calls(text: &str) -> Vec<Value> {
     let mut calls = Vec::new();
-    for (i, block) in text.split("<｜DSML｜invoke name=\"").skip(1).enumerate() {
+    for block in text.split("<｜DSML｜invoke name=\"").skip(1) {
         let Some((name, body)) = block.split_once("\">") else { continue };
         let body = body.split("</｜DSML｜invoke>").next().unwrap_or(body);
         let mut args = Map::new();
@@ -158,12 +158,27 @@ pub fn parse_tool_calls(text: &str) -> Vec<Value> {
             args.insert(key.to_string(), v);
         }
         calls.push(json!({
-            "id": format!("call_{i}"),
+            "id": call_id(),
             "type": "function",
             "function": {"name": name, "arguments": Value::Object(args).to_string()},
         }));
     }
     calls
+}
+
+/// A tool call id unique among this process's replies (and, by its random seed, very likely
+/// across gateways): agent frameworks match tool results to calls by id over many turns, so the
+/// same `call_0` in every reply would mix them up.
+fn call_id() -> String {
+    use std::hash::BuildHasher;
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEED: OnceLock<u64> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let seed = *SEED.get_or_init(|| std::collections::hash_map::RandomState::new().hash_one(std::process::id()));
+    // An odd multiplier and a fixed XOR are both one-to-one: distinct counters, distinct ids.
+    let n = NEXT.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    format!("call_{:016x}", seed ^ n)
 }
 
 #[cfg(test)]
@@ -178,5 +193,14 @@ mod tests {
         assert_eq!(calls[0]["function"]["name"], "get_weather");
         let args: Value = serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap()).unwrap();
         assert_eq!(args, json!({"location": "Beijing", "days": 3}));
+        // Ids differ across calls and replies.
+        let twice = format!("{text}{text}");
+        let ids: std::collections::HashSet<String> = [parse_tool_calls(&twice), parse_tool_calls(&twice)]
+            .concat()
+            .iter()
+            .map(|c| c["id"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(ids.len(), 4);
+        assert!(ids.iter().all(|id| id.starts_with("call_") && id.len() == 21), "{ids:?}");
     }
 }
