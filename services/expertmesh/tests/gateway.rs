@@ -340,6 +340,12 @@ fn bad_requests_disconnects_and_overload() {
     // Over the model's context (4096 positions): the engine's verdict, passed through.
     let long: Vec<u32> = (0..5000).map(|i| 100 + i % 1000).collect();
     check(post(&url, "/v1/completions", &json!({"prompt": long, "max_tokens": 4}), &[]), 400, "context");
+    // Streamed too: the status is the rejection's, not a 200 followed by an error event.
+    check(
+        post(&url, "/v1/completions", &json!({"prompt": long, "max_tokens": 4, "stream": true}), &[]),
+        400,
+        "context",
+    );
 
     // A client that disconnects mid-stream stops the engine's work.
     let mut s = send(

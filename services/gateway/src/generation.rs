@@ -40,9 +40,11 @@ pub struct GenRequest {
 
 pub type GenItem = Result<GenEvent, ServiceError>;
 
-/// What `drive` reports to the generation's observer: its events, and when an attention worker
-/// admitted it (left the worker's queue), which only the metrics use.
+/// What `drive` reports to the generation's observer: its events; when an attention worker
+/// accepted it (validated and queued it: see [`Generation::accepted`]); and when the worker
+/// admitted it (it left the queue), which only the metrics use.
 enum Update {
+    Accepted,
     Admitted,
     Item(GenItem),
 }
@@ -53,17 +55,46 @@ enum Update {
 pub struct Generation {
     rx: mpsc::Receiver<Update>,
     observer: Observer,
+    /// An event [`Generation::accepted`] read ahead.
+    early: Option<GenItem>,
 }
 
 impl Generation {
+    /// Waits until an attention worker has accepted the request (validated and queued it), so
+    /// that a caller about to stream can still answer a rejection with its own status (400 for a
+    /// prompt beyond the context, 429, 503) rather than in a stream that already said 200.
+    pub async fn accepted(&mut self) -> Result<(), ServiceError> {
+        loop {
+            match self.rx.recv().await {
+                Some(Update::Accepted) => return Ok(()),
+                Some(Update::Admitted) => self.observer.admitted(),
+                Some(Update::Item(item)) => {
+                    self.observer.see(&item);
+                    return match item {
+                        Err(e) => Err(e),
+                        ok => {
+                            self.early = Some(ok);
+                            Ok(())
+                        }
+                    };
+                }
+                None => return Err(ServiceError::Unavailable("the generation ended before it started".into())),
+            }
+        }
+    }
+
     pub async fn recv(&mut self) -> Option<GenItem> {
         std::future::poll_fn(|cx| self.poll_item(cx)).await
     }
 
     /// The next event, noting admissions on the way.
     fn poll_item(&mut self, cx: &mut Context<'_>) -> Poll<Option<GenItem>> {
+        if let Some(item) = self.early.take() {
+            return Poll::Ready(Some(item)); // already seen by the observer
+        }
         loop {
             match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(Update::Accepted)) => {}
                 Poll::Ready(Some(Update::Admitted)) => self.observer.admitted(),
                 Poll::Ready(Some(Update::Item(item))) => {
                     self.observer.see(&item);
@@ -102,7 +133,7 @@ pub fn start(router: Arc<EngineRouter>, req: GenRequest) -> Generation {
         }
         .in_current_span(),
     );
-    Generation { rx, observer }
+    Generation { rx, observer, early: None }
 }
 
 /// Worth trying another worker: the worker is gone or going, not the request being wrong.
@@ -146,7 +177,10 @@ async fn drive(router: &EngineRouter, req: GenRequest, tx: &mpsc::Sender<Update>
             () = tx.closed() => return Ok(()), // the caller went away
         };
         let mut stream = match call {
-            Ok(s) => s.into_inner(),
+            Ok(s) => {
+                let _ = tx.send(Update::Accepted).await;
+                s.into_inner()
+            }
             Err(status) if worker_failure(&status) => {
                 tracing::warn!(worker = %lease.id, %status, "attention worker refused; trying another");
                 failed.insert(lease.id.clone());

@@ -433,6 +433,12 @@ async fn run(s: Arc<AppState>, plan: Plan, kind: Kind, ctx: RequestContext) -> R
     }
     let id = ctx.id;
     if plan.stream {
+        // A rejection still gets its status, not a 200 and an error event.
+        for (_, generation) in merged.iter_mut() {
+            if let Err(e) = generation.accepted().await {
+                return with_request_id(ApiError::from(e).into_response(), &id);
+            }
+        }
         let (tx, rx) = mpsc::channel::<Bytes>(64);
         tokio::spawn(stream_events(s.clone(), plan, kind, id.clone(), merged, tx, permit).in_current_span());
         let body = Body::from_stream(ReceiverStream::new(rx).map(Ok::<_, std::convert::Infallible>));
