@@ -175,6 +175,14 @@ fn unread_rows_skip_the_last_block_without_changing_state() {
     }
 }
 
+/// The main model's final streams for a prefill of `ids` (the MTP block's input).
+fn final_streams(m: &Loaded, ids: &[u32]) -> Vec<f32> {
+    let mut s = m.model.new_sequence();
+    let mut step = Step::new(&mut s, ids);
+    step.keep_streams = true;
+    m.model.forward(&mut [step], &m.experts).unwrap().remove(0).streams.unwrap()
+}
+
 /// The same for the MTP block: asking for the last position's logits leaves the MTP caches of a
 /// call that asks for all of them.
 #[test]
@@ -183,10 +191,7 @@ fn unread_rows_skip_the_mtp_block_without_changing_state() {
     let m = micro(QuantSim::off());
     let vocab = m.model.config().vocab_size;
     let ids = tokens(30, vocab, 9);
-    let mut s = m.model.new_sequence();
-    let mut step = Step::new(&mut s, &ids[..29]);
-    step.keep_streams = true;
-    let streams = m.model.forward(&mut [step], &m.experts).unwrap().remove(0).streams.unwrap();
+    let streams = final_streams(&m, &ids[..29]);
     let run = |mode: LogitRows| {
         let mut state = m.model.new_sequence();
         let step = MtpStep { state: &mut state, streams: &streams, next_tokens: &ids[1..30], logits: mode };
@@ -207,10 +212,7 @@ fn mtp_prefill_equals_mtp_decode() {
     let m = micro(QuantSim::off());
     let vocab = m.model.config().vocab_size;
     let ids = tokens(30, vocab, 7);
-    let mut s = m.model.new_sequence();
-    let mut step = Step::new(&mut s, &ids[..29]);
-    step.keep_streams = true;
-    let streams = m.model.forward(&mut [step], &m.experts).unwrap().remove(0).streams.unwrap();
+    let streams = final_streams(&m, &ids[..29]);
     let width = streams.len() / 29;
 
     let mut one = m.model.new_sequence();
