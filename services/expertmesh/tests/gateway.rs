@@ -337,9 +337,12 @@ fn bad_requests_disconnects_and_overload() {
     check(post(&url, "/v1/chat/completions", &json!({"messages": []}), &[]), 400, "messages");
     check(post(&url, "/v1/completions", &json!({"prompt": "x", "max_tokens": 1_000_000}), &[]), 400, "max_tokens");
     check(post(&url, "/v1/completions", &json!({"prompt": "x", "stop": ["ab".repeat(600)]}), &[]), 400, "stop");
-    // Over the model's context (4096 positions): the engine's verdict, passed through.
+    // Over the model's context (4096 positions): the engine's verdict, passed through, naming
+    // the request's field.
     let long: Vec<u32> = (0..5000).map(|i| 100 + i % 1000).collect();
-    check(post(&url, "/v1/completions", &json!({"prompt": long, "max_tokens": 4}), &[]), 400, "context");
+    let r = post(&url, "/v1/completions", &json!({"prompt": long, "max_tokens": 4}), &[]);
+    assert_eq!(serde_json::from_str::<Value>(&r.body).unwrap()["error"]["param"], "prompt", "{}", r.body);
+    check(r, 400, "context");
     // Streamed too: the status is the rejection's, not a 200 followed by an error event.
     check(
         post(&url, "/v1/completions", &json!({"prompt": long, "max_tokens": 4, "stream": true}), &[]),

@@ -60,7 +60,11 @@ impl ServiceError {
         let m = message.into();
         match code {
             Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => {
-                ServiceError::InvalidArgument { field: "request".into(), message: m }
+                // Our services write `field: message` (this type's Display): keep the field.
+                match m.split_once(": ") {
+                    Some((field, message)) if is_field_path(field) => ServiceError::invalid(field, message),
+                    _ => ServiceError::InvalidArgument { field: "request".into(), message: m },
+                }
             }
             Code::NotFound => ServiceError::NotFound(m),
             Code::Unavailable => ServiceError::Unavailable(m),
@@ -70,6 +74,11 @@ impl ServiceError {
             _ => ServiceError::Internal(m),
         }
     }
+}
+
+/// A request field's path as errors name it: `sampling.top_p`, `prompt_tokens[3]`.
+fn is_field_path(s: &str) -> bool {
+    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '[' | ']'))
 }
 
 impl From<ServiceError> for Status {
@@ -104,5 +113,15 @@ mod tests {
             assert_eq!(ServiceError::from(status).code(), e.code());
         }
         assert_eq!(Status::from(ServiceError::invalid("hidden.shape", "bad")).message(), "hidden.shape: bad");
+        // The field survives too; a message that does not start with one names the request.
+        let hop = |e: ServiceError| ServiceError::from(Status::from(e));
+        assert_eq!(
+            hop(ServiceError::invalid("prompt_tokens[3]", "x: y")),
+            ServiceError::invalid("prompt_tokens[3]", "x: y")
+        );
+        assert_eq!(
+            ServiceError::from(Status::invalid_argument("no field here: x")),
+            ServiceError::invalid("request", "no field here: x")
+        );
     }
 }

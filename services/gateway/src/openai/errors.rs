@@ -50,7 +50,7 @@ impl ApiError {
 impl From<ServiceError> for ApiError {
     fn from(e: ServiceError) -> Self {
         match &e {
-            ServiceError::InvalidArgument { field, message } => ApiError::invalid(field.clone(), message.clone()),
+            ServiceError::InvalidArgument { field, message } => ApiError::invalid(api_param(field), message.clone()),
             ServiceError::NotFound(m) => ApiError::new(StatusCode::NOT_FOUND, "not_found_error", m.clone()),
             ServiceError::ResourceExhausted(m) => {
                 ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", m.clone())
@@ -62,6 +62,16 @@ impl From<ServiceError> for ApiError {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", m.clone())
             }
         }
+    }
+}
+
+/// The HTTP API's name for a field the engine's `Generate` request names (`prompt_tokens[3]` →
+/// `prompt[3]`, `sampling.max_tokens` → `max_tokens`).
+fn api_param(engine_field: &str) -> String {
+    if let Some(rest) = engine_field.strip_prefix("prompt_tokens") {
+        format!("prompt{rest}")
+    } else {
+        engine_field.strip_prefix("sampling.").unwrap_or(engine_field).to_string()
     }
 }
 
