@@ -150,6 +150,10 @@ fn bad_arguments_fail_with_a_clear_message() {
             "/nonexistent",
         ),
         (vec!["model", "info", "--preset", "v5"], "unknown preset"),
+        (
+            vec!["gateway", "--tokenizer", "/nonexistent", "--default-max-tokens", "0", "--etcd", "http://127.0.0.1:1"],
+            "--default-max-tokens 0",
+        ),
     ] {
         let r = expertmesh(&args);
         let stderr = String::from_utf8_lossy(&r.stderr);

@@ -312,7 +312,7 @@ fn an_attention_worker_dying_mid_stream_loses_no_token() {
 
 #[test]
 fn bad_requests_disconnects_and_overload() {
-    let c = cluster(1, &["--max-concurrent", "2"]);
+    let c = cluster(1, &["--max-concurrent", "2", "--default-max-tokens", "3"]);
     let url = c.gateway.endpoint.clone();
     let raw = |body: &[u8]| {
         let addr = url.trim_start_matches("http://");
@@ -331,6 +331,15 @@ fn bad_requests_disconnects_and_overload() {
         assert!(e["error"]["message"].as_str().unwrap().contains(needle), "{needle:?} not in {}", r.body);
         assert!(e["error"]["type"].is_string());
     };
+    // A request without max_tokens gets the gateway's --default-max-tokens.
+    let r = post(&url, "/v1/completions", &json!({"prompt": [5, 6], "temperature": 0}), &[]);
+    let v: Value = serde_json::from_str(&r.body).unwrap_or_else(|_| panic!("{}", r.body));
+    assert_eq!(
+        (v["usage"]["completion_tokens"].as_u64(), v["choices"][0]["finish_reason"].as_str()),
+        (Some(3), Some("length")),
+        "{}",
+        r.body
+    );
     check(raw(b"{not json"), 400, "body");
     check(raw(b"{\"prompt\": \"\xff\xfe\"}"), 400, "");
     check(post(&url, "/v1/chat/completions", &json!({"messages": "hi"}), &[]), 400, "messages");

@@ -36,6 +36,10 @@ pub struct GatewayArgs {
     /// Largest `max_tokens` accepted.
     #[arg(long, env = "EXPERTMESH_MAX_TOKENS_LIMIT", default_value_t = 32768)]
     pub max_tokens_limit: u32,
+    /// `max_tokens` of requests that give none (a thinking reply spends its first tokens
+    /// reasoning: raise this when clients rarely set `max_tokens`).
+    #[arg(long, env = "EXPERTMESH_DEFAULT_MAX_TOKENS", default_value_t = 256)]
+    pub default_max_tokens: u32,
     /// Largest prompt accepted, tokens.
     #[arg(long, env = "EXPERTMESH_MAX_PROMPT_TOKENS", default_value_t = 65536)]
     pub max_prompt_tokens: usize,
@@ -51,9 +55,17 @@ pub struct GatewayArgs {
 
 impl GatewayArgs {
     pub fn state(&self, registry: &dyn Registry) -> Result<Arc<AppState>> {
+        if self.default_max_tokens == 0 || self.default_max_tokens > self.max_tokens_limit {
+            anyhow::bail!(
+                "--default-max-tokens {} is not in 1..={} (--max-tokens-limit)",
+                self.default_max_tokens,
+                self.max_tokens_limit
+            );
+        }
         let tokenizer = Tokenizer::from_file(&self.tokenizer).with_context(|| "--tokenizer")?;
         let limits = Limits {
             max_tokens: self.max_tokens_limit,
+            default_max_tokens: self.default_max_tokens,
             max_prompt_tokens: self.max_prompt_tokens,
             max_concurrent: self.max_concurrent,
             ..Limits::default()

@@ -78,6 +78,7 @@ async fn through_gateway(
         api_keys: Vec::new(),
         max_concurrent: 1024,
         max_tokens_limit: 32768,
+        default_max_tokens: expertmesh_gateway::openai::Limits::default().default_max_tokens,
         max_prompt_tokens: 65536,
         trace_sample_ratio: 1.0,
         eos_token_id: cfg.eos_token_id,
