@@ -82,9 +82,32 @@ fn completions_and_chat_over_http_streaming_and_not() {
         let w: Value = serde_json::from_str(&r.body).unwrap();
         assert_eq!(w["choices"][0]["text"], v["choices"][0]["text"], "{list}");
     }
-    let r = post(url, "/v1/completions", &json!({"prompt": ["a", "b"], "max_tokens": 1}), &[]);
-    assert_eq!(r.status, 400, "{}", r.body);
-    assert!(r.body.contains("prompt") && r.body.contains("batch of 2"), "{}", r.body);
+    // A batch of prompts: n choices per prompt, prompt by prompt, each as the prompt alone gives.
+    let other = "Two plus two is";
+    let alone = post(url, "/v1/completions", &json!({"prompt": other, "max_tokens": 10, "temperature": 0}), &[]);
+    let alone: Value = serde_json::from_str(&alone.body).unwrap();
+    let batch = json!({"prompt": [prompt, other], "max_tokens": 10, "temperature": 0, "n": 2});
+    for stream in [false, true] {
+        let mut body = batch.clone();
+        body["stream"] = json!(stream);
+        let r = post(url, "/v1/completions", &body, &[]);
+        assert_eq!(r.status, 200, "{}", r.body);
+        let mut texts = vec![String::new(); 4];
+        if stream {
+            for e in events(&r.body) {
+                let c = &e["choices"][0];
+                texts[c["index"].as_u64().unwrap() as usize] += c["text"].as_str().unwrap_or("");
+            }
+        } else {
+            let w: Value = serde_json::from_str(&r.body).unwrap();
+            assert_eq!(w["usage"]["prompt_tokens"], ids.len() + tok.encode(other).unwrap().len());
+            for c in w["choices"].as_array().unwrap() {
+                texts[c["index"].as_u64().unwrap() as usize] = c["text"].as_str().unwrap().to_string();
+            }
+        }
+        let want = |v: &Value| v["choices"][0]["text"].as_str().unwrap().to_string();
+        assert_eq!(texts, [want(&v), want(&v), want(&alone), want(&alone)], "stream: {stream}");
+    }
 
     // Log-probabilities of the generated tokens (the greedy token is the most likely one, so its
     // log-probability is the largest of the step: ≤ 0 and > ln(1/vocab)).
@@ -346,6 +369,8 @@ fn bad_requests_disconnects_and_overload() {
     check(post(&url, "/v1/chat/completions", &json!({"messages": []}), &[]), 400, "messages");
     check(post(&url, "/v1/completions", &json!({"prompt": "x", "max_tokens": 1_000_000}), &[]), 400, "max_tokens");
     check(post(&url, "/v1/completions", &json!({"prompt": "x", "stop": ["ab".repeat(600)]}), &[]), 400, "stop");
+    check(post(&url, "/v1/completions", &json!({"prompt": [[5], []]}), &[]), 400, "prompt[1]");
+    check(post(&url, "/v1/completions", &json!({"prompt": vec!["x"; 33]}), &[]), 400, "at most 32");
     // Over the model's context (4096 positions): the engine's verdict, passed through, naming
     // the request's field.
     let long: Vec<u32> = (0..5000).map(|i| 100 + i % 1000).collect();

@@ -80,13 +80,15 @@ impl InferenceService {
         if self.state.engines.workers() == 0 {
             return Err(Status::unavailable("no attention worker is available"));
         }
-        tracing::info!(prompt_tokens = plan.prompt.len(), "request accepted");
+        tracing::info!(prompt_tokens = plan.prompt_tokens(), "request accepted");
         let state = self.state.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let task = async move {
             let _permit = permit;
-            let mut events =
-                generation::start(state.engines.clone(), ctx.generation(0, plan.prompt.clone(), plan.sampling.clone()));
+            let mut events = generation::start(
+                state.engines.clone(),
+                ctx.generation(0, plan.prompts[0].clone(), plan.sampling.clone()),
+            );
             let mut text = TextAssembler::new(
                 &state.tokenizer,
                 state.stop_ids.clone(),
@@ -140,7 +142,7 @@ impl InferenceService {
                         events.stopped_by_text();
                         let done = Done {
                             finish_reason: "stop".into(),
-                            prompt_tokens: plan.prompt.len() as u32,
+                            prompt_tokens: plan.prompt_tokens(),
                             completion_tokens,
                             ..Default::default()
                         };
@@ -171,7 +173,7 @@ impl InferenceService {
             Some(inference_request::Prompt::Tokens(t)) => t.ids,
             None => return Err(Status::invalid_argument("prompt: missing (text or tokens)")),
         };
-        Ok(plan(&self.state, &Self::sampling(r.options), prompt)?)
+        Ok(plan(&self.state, &Self::sampling(r.options), vec![prompt])?)
     }
 
     async fn chat_plan(&self, request: Request<GrpcChat>) -> Result<Plan, Status> {
@@ -198,7 +200,7 @@ impl InferenceService {
         let text =
             chat::encode_chat(&messages, &opts).map_err(|e| Status::invalid_argument(format!("messages: {e}")))?;
         let prompt = self.encode_text(text, "messages").await?;
-        let mut plan = plan(&self.state, &Self::sampling(r.options), prompt)?;
+        let mut plan = plan(&self.state, &Self::sampling(r.options), vec![prompt])?;
         plan.reasoning = r.thinking;
         plan.tools = !tools.is_empty();
         Ok(plan)

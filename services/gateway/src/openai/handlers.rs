@@ -181,7 +181,8 @@ fn now() -> u64 {
 
 /// What both endpoints need to run a request.
 pub(crate) struct Plan {
-    pub(crate) prompt: Vec<u32>,
+    /// One prompt (chat, gRPC), or a completions batch.
+    pub(crate) prompts: Vec<Vec<u32>>,
     pub(crate) sampling: SamplingParams,
     pub(crate) n: u32,
     pub(crate) stops: Vec<String>,
@@ -192,11 +193,26 @@ pub(crate) struct Plan {
     pub(crate) logprobs: bool,
 }
 
+impl Plan {
+    /// The reply's choices: `n` per prompt, prompt by prompt (choice `p·n + j` is prompt `p`'s
+    /// `j`-th).
+    pub(crate) fn choices(&self) -> u32 {
+        self.prompts.len() as u32 * self.n
+    }
+
+    /// Prompt tokens of the whole request.
+    pub(crate) fn prompt_tokens(&self) -> u32 {
+        self.prompts.iter().map(|p| p.len() as u32).sum()
+    }
+}
+
 /// Stop strings per request, and bytes per stop string, at most.
 const MAX_STOPS: usize = 16;
 const MAX_STOP_BYTES: usize = 1024;
+/// Prompts in one completions request, at most (LangChain batches 20).
+const MAX_PROMPTS: usize = 32;
 
-pub(crate) fn plan(s: &AppState, p: &Sampling, prompt: Vec<u32>) -> Result<Plan, ApiError> {
+pub(crate) fn plan(s: &AppState, p: &Sampling, prompts: Vec<Vec<u32>>) -> Result<Plan, ApiError> {
     let l = &s.limits;
     if let Some(m) = &p.model
         && m != &s.model
@@ -207,15 +223,21 @@ pub(crate) fn plan(s: &AppState, p: &Sampling, prompt: Vec<u32>) -> Result<Plan,
             format!("model {m:?} does not exist (serving {:?})", s.model),
         ));
     }
-    if prompt.is_empty() {
-        return Err(ApiError::invalid("prompt", "empty"));
+    if prompts.len() > MAX_PROMPTS {
+        return Err(ApiError::invalid("prompt", format!("{} prompts; at most {MAX_PROMPTS}", prompts.len())));
     }
-    if prompt.len() > l.max_prompt_tokens {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "invalid_request_error",
-            format!("prompt: {} tokens exceed the limit of {}", prompt.len(), l.max_prompt_tokens),
-        ));
+    for (i, prompt) in prompts.iter().enumerate() {
+        let param = if prompts.len() == 1 { "prompt".to_string() } else { format!("prompt[{i}]") };
+        if prompt.is_empty() {
+            return Err(ApiError::invalid(param, "empty"));
+        }
+        if prompt.len() > l.max_prompt_tokens {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                format!("{param}: {} tokens exceed the limit of {}", prompt.len(), l.max_prompt_tokens),
+            ));
+        }
     }
     let max_tokens = p.max_completion_tokens.or(p.max_tokens).unwrap_or(l.default_max_tokens);
     if max_tokens == 0 || max_tokens > l.max_tokens {
@@ -250,7 +272,7 @@ pub(crate) fn plan(s: &AppState, p: &Sampling, prompt: Vec<u32>) -> Result<Plan,
         ));
     }
     Ok(Plan {
-        prompt,
+        prompts,
         sampling: SamplingParams {
             temperature,
             top_k: p.top_k.unwrap_or(0),
@@ -277,13 +299,19 @@ async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, body: B
         authorize(&s, &headers)?;
         let req: CompletionRequest = parse(&body)?;
         let sampling: Sampling = parse(&body)?;
-        let prompt = match req.prompt {
-            Prompt::Tokens(ids) => ids,
-            Prompt::TokenLists(list) => one_prompt(list)?,
-            Prompt::Text(text) => tokenize(&s, text, "prompt").await?,
-            Prompt::Texts(list) => tokenize(&s, one_prompt(list)?, "prompt").await?,
+        let prompts = match req.prompt {
+            Prompt::Tokens(ids) => vec![ids],
+            Prompt::TokenLists(list) => list,
+            Prompt::Text(text) => vec![tokenize(&s, text, "prompt").await?],
+            Prompt::Texts(list) => {
+                let mut prompts = Vec::with_capacity(list.len());
+                for (i, text) in list.into_iter().enumerate() {
+                    prompts.push(tokenize(&s, text, &format!("prompt[{i}]")).await?);
+                }
+                prompts
+            }
         };
-        let plan = plan(&s, &sampling, prompt)?;
+        let plan = plan(&s, &sampling, prompts)?;
         Ok::<_, ApiError>(plan)
     }
     .await;
@@ -309,16 +337,6 @@ fn reply_schema(format: Option<&Value>) -> Result<Option<Value>, ApiError> {
             "response_format.type",
             format!("{} is not text, json_object or json_schema", other.map_or("missing".into(), |t| format!("{t:?}"))),
         )),
-    }
-}
-
-/// The one prompt of a list (LangChain's `OpenAI` sends even one prompt as a list).
-fn one_prompt<T>(list: Vec<T>) -> Result<T, ApiError> {
-    let n = list.len();
-    let mut list = list.into_iter();
-    match (list.next(), list.next()) {
-        (Some(one), None) => Ok(one),
-        _ => Err(ApiError::invalid("prompt", format!("a batch of {n} prompts; send one prompt per request"))),
     }
 }
 
@@ -368,7 +386,7 @@ async fn chat_completions(State(s): State<Arc<AppState>>, headers: HeaderMap, bo
         };
         let text = encode_chat(&req.messages, &opts).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
         let prompt = tokenize(&s, text, "messages").await?;
-        let mut plan = plan(&s, &sampling, prompt)?;
+        let mut plan = plan(&s, &sampling, vec![prompt])?;
         plan.reasoning = thinking;
         plan.tools = !tools.is_empty();
         Ok(plan)
@@ -422,14 +440,16 @@ async fn run(s: Arc<AppState>, plan: Plan, kind: Kind, ctx: RequestContext) -> R
             &ctx.id,
         );
     }
-    tracing::info!(prompt_tokens = plan.prompt.len(), n = plan.n, stream = plan.stream, "request accepted");
-    // n independent generations; a fixed seed gives each choice its own stream (seed + index).
+    tracing::info!(prompt_tokens = plan.prompt_tokens(), n = plan.n, stream = plan.stream, "request accepted");
+    // n independent generations per prompt; a fixed seed gives each of a prompt's choices its own
+    // stream (seed + its index among them: a prompt's choices do not depend on the batch).
     let mut merged = tokio_stream::StreamMap::new();
-    for i in 0..plan.n {
+    for c in 0..plan.choices() {
+        let (prompt, j) = (&plan.prompts[(c / plan.n) as usize], c % plan.n);
         let mut sampling = plan.sampling.clone();
-        sampling.seed = plan.sampling.seed.map(|seed| seed.wrapping_add(i as u64));
-        let generation = generation::start(s.engines.clone(), ctx.generation(i, plan.prompt.clone(), sampling));
-        merged.insert(i as usize, generation);
+        sampling.seed = plan.sampling.seed.map(|seed| seed.wrapping_add(j as u64));
+        let generation = generation::start(s.engines.clone(), ctx.generation(c, prompt.clone(), sampling));
+        merged.insert(c as usize, generation);
     }
     let id = ctx.id;
     if plan.stream {
@@ -450,7 +470,7 @@ async fn run(s: Arc<AppState>, plan: Plan, kind: Kind, ctx: RequestContext) -> R
             .unwrap();
     }
     let tok = s.tokenizer.clone();
-    let mut choices: Vec<Choice> = (0..plan.n)
+    let mut choices: Vec<Choice> = (0..plan.choices())
         .map(|_| Choice {
             text: TextAssembler::new(&tok, s.stop_ids.clone(), plan.stops.clone(), plan.reasoning, plan.tools),
             reasoning: String::new(),
@@ -499,7 +519,7 @@ async fn run(s: Arc<AppState>, plan: Plan, kind: Kind, ctx: RequestContext) -> R
     }
     drop(permit);
     let completion_tokens: u32 = choices.iter().map(|c| c.completion_tokens).sum();
-    let usage = json!({"prompt_tokens": plan.prompt.len(), "completion_tokens": completion_tokens, "total_tokens": plan.prompt.len() as u32 + completion_tokens});
+    let usage = json!({"prompt_tokens": plan.prompt_tokens(), "completion_tokens": completion_tokens, "total_tokens": plan.prompt_tokens() + completion_tokens});
     let body = match kind {
         Kind::Completion => json!({
             "id": id, "object": "text_completion", "created": now(), "model": s.model,
@@ -585,12 +605,12 @@ async fn stream_events(
             }
         }
     };
-    let mut texts: Vec<TextAssembler> = (0..plan.n)
+    let mut texts: Vec<TextAssembler> = (0..plan.choices())
         .map(|_| TextAssembler::new(&tok, s.stop_ids.clone(), plan.stops.clone(), plan.reasoning, plan.tools))
         .collect();
     let mut completion_tokens = 0u32;
     if kind == Kind::Chat {
-        for i in 0..plan.n as usize {
+        for i in 0..plan.choices() as usize {
             let first = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": s.model,
                 "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]});
             if tx.send(sse(&first)).await.is_err() {
@@ -643,7 +663,7 @@ async fn stream_events(
     if plan.include_usage {
         let usage = json!({"id": id, "object": if kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" },
             "created": created, "model": s.model, "choices": [],
-            "usage": {"prompt_tokens": plan.prompt.len(), "completion_tokens": completion_tokens, "total_tokens": plan.prompt.len() as u32 + completion_tokens}});
+            "usage": {"prompt_tokens": plan.prompt_tokens(), "completion_tokens": completion_tokens, "total_tokens": plan.prompt_tokens() + completion_tokens}});
         let _ = tx.send(sse(&usage)).await;
     }
     let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
