@@ -4,6 +4,7 @@
 
 use std::ops::Range;
 
+use super::Simd;
 use super::weight::WeightMatrix;
 
 /// Largest batch handled here; bigger batches go to the panel GEMM.
@@ -12,12 +13,13 @@ pub const MAX_ROWS: usize = 8;
 /// `out_t[(n - rows.start) * m + i] = Σ_k x[i][k] · W[n][k]` for `n` in `rows` (transposed
 /// output: each weight row's results are contiguous, so threads own disjoint slices).
 pub fn gemv_transposed(x: &[f32], m: usize, w: &WeightMatrix, rows: Range<usize>, out_t: &mut [f32]) {
-    gemv_transposed_with(super::simd_available(), x, m, w, rows, out_t)
+    gemv_transposed_with(super::simd_level(), x, m, w, rows, out_t)
 }
 
-/// [`gemv_transposed`] with the kernel family chosen by the caller (tests compare both).
+/// [`gemv_transposed`] on the kernel family `simd` (tests compare them all), or the best the CPU
+/// has below it.
 pub(crate) fn gemv_transposed_with(
-    simd: bool,
+    simd: Simd,
     x: &[f32],
     m: usize,
     w: &WeightMatrix,
@@ -37,13 +39,14 @@ pub(crate) fn gemv_transposed_with(
     }
 }
 
-fn run<const M: usize>(simd: bool, x: &[f32], w: &WeightMatrix, rows: Range<usize>, out_t: &mut [f32]) {
+fn run<const M: usize>(simd: Simd, x: &[f32], w: &WeightMatrix, rows: Range<usize>, out_t: &mut [f32]) {
     let k = w.cols;
+    let simd = simd.min(super::detect_simd());
     #[cfg(target_arch = "x86_64")]
-    if simd && super::simd_available() {
-        // SAFETY: simd_available() checked the CPU features; x holds M rows of k floats and
-        // out_t one slot per (row, m).
-        unsafe { super::x86::dot_rows::<M>(w, rows.clone(), x, k, out_t) };
+    if simd >= Simd::Avx2 {
+        // SAFETY: detect_simd() checked the CPU features of `simd`; x holds M rows of k floats
+        // and out_t one slot per (row, m).
+        unsafe { super::x86::dot_rows::<M>(simd, w, rows.clone(), x, k, out_t) };
         let body = k - k % super::x86::UNIT;
         if body < k {
             let mut tail_row = vec![0.0; k];

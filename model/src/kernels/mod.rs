@@ -32,33 +32,62 @@ const PARALLEL_MIN_WEIGHTS: usize = 1 << 16;
 /// Below this many multiply-adds a GEMM runs on one thread.
 const PARALLEL_MIN_MACS: usize = 1 << 21;
 
-const SIMD_UNKNOWN: u8 = 0;
-const SIMD_ON: u8 = 1;
-const SIMD_OFF: u8 = 2;
+/// The kernel family the products run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Simd {
+    /// Plain Rust (any CPU; the benchmark's baseline).
+    Portable,
+    /// AVX2 + FMA + F16C (x86_64 since Haswell / Zen 1).
+    Avx2,
+    /// AVX2 plus AVX-512F: the FP8 and FP4 dot products decode 16 values per instruction
+    /// (`x86/avx512.rs`); everything else stays on the AVX2 kernels.
+    Avx512,
+}
+
+const SIMD_UNKNOWN: u8 = u8::MAX;
 static SIMD: AtomicU8 = AtomicU8::new(SIMD_UNKNOWN);
 
-/// Whether the AVX2/FMA/F16C kernels are in use (detected once; see [`force_portable`]).
-pub fn simd_available() -> bool {
+/// The kernel family in use (the best the CPU has, detected once; see [`set_simd_cap`]).
+pub fn simd_level() -> Simd {
     match SIMD.load(Ordering::Relaxed) {
-        SIMD_ON => true,
-        SIMD_OFF => false,
+        0 => Simd::Portable,
+        1 => Simd::Avx2,
+        2 => Simd::Avx512,
         _ => {
-            let on = detect_simd();
-            SIMD.store(if on { SIMD_ON } else { SIMD_OFF }, Ordering::Relaxed);
-            on
+            let level = detect_simd();
+            SIMD.store(level as u8, Ordering::Relaxed);
+            level
         }
     }
 }
 
-fn detect_simd() -> bool {
+/// Whether the AVX2/FMA/F16C kernels (or better) are in use.
+pub fn simd_available() -> bool {
+    simd_level() >= Simd::Avx2
+}
+
+/// The best kernel family this CPU runs.
+fn detect_simd() -> Simd {
     #[cfg(target_arch = "x86_64")]
     {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+        let avx2 =
+            is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
+        match avx2 {
+            true if is_x86_feature_detected!("avx512f") => Simd::Avx512,
+            true => Simd::Avx2,
+            false => Simd::Portable,
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        false
+        Simd::Portable
     }
+}
+
+/// The kernel families this CPU runs, best last (tests run every one).
+pub fn simd_levels() -> Vec<Simd> {
+    let best = detect_simd();
+    [Simd::Portable, Simd::Avx2, Simd::Avx512].into_iter().filter(|l| *l <= best).collect()
 }
 
 thread_local! {
@@ -80,10 +109,26 @@ fn threads_here() -> usize {
     if SEQUENTIAL.with(|s| s.get()) { 1 } else { rayon::current_num_threads() }
 }
 
-/// Switches the process to the portable kernels (benchmark baseline, and tests that compare the
-/// two paths). Switching back re-detects the CPU.
-pub fn force_portable(portable: bool) {
-    SIMD.store(if portable { SIMD_OFF } else { SIMD_UNKNOWN }, Ordering::Relaxed);
+/// Caps the kernel family of the whole process at `cap` (the benchmark's portable baseline and
+/// its `--simd` flag); `None` goes back to the best the CPU runs.
+pub fn set_simd_cap(cap: Option<Simd>) {
+    let level = match cap {
+        Some(cap) => cap.min(detect_simd()) as u8,
+        None => SIMD_UNKNOWN,
+    };
+    SIMD.store(level, Ordering::Relaxed);
+}
+
+impl std::str::FromStr for Simd {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "portable" => Ok(Simd::Portable),
+            "avx2" => Ok(Simd::Avx2),
+            "avx512" => Ok(Simd::Avx512),
+            _ => Err(format!("unknown kernel family {s:?} (portable, avx2 or avx512)")),
+        }
+    }
 }
 
 /// Decodes one weight row to f32.

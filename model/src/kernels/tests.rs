@@ -69,6 +69,16 @@ fn assert_close(got: &[f32], want: &[f64], x: &[f32], m: usize, w: &WeightMatrix
     }
 }
 
+/// `x · Wᵀ` (`[m, rows]`, as [`matmul`]) through the matrix-vector kernels of family `simd`, on
+/// one thread.
+fn gemv_on(simd: Simd, x: &[f32], m: usize, w: &WeightMatrix) -> Vec<f32> {
+    let mut out_t = vec![0.0; m * w.rows];
+    gemv::gemv_transposed_with(simd, x, m, w, 0..w.rows, &mut out_t);
+    let mut out = vec![0.0; m * w.rows];
+    scatter_transposed(&out_t, m, w.rows, 0, &mut out);
+    out
+}
+
 const FORMATS: [WeightFormat; 4] = [WeightFormat::F32, WeightFormat::Bf16, WeightFormat::Fp8, WeightFormat::Fp4];
 
 #[test]
@@ -82,8 +92,13 @@ fn matmul_matches_reference_for_every_format_and_batch() {
             for m in [1, 2, 3, 4, 8, 9, 40] {
                 let mut r = Lcg(m as u64 + 99);
                 let x: Vec<f32> = (0..m * cols).map(|_| r.f()).collect();
-                let got = matmul(&x, m, &w);
-                assert_close(&got, &reference(&x, m, &w), &x, m, &w, &format!("{format:?} {rows}x{cols} m={m}"));
+                let want = reference(&x, m, &w);
+                let what = format!("{format:?} {rows}x{cols} m={m}");
+                assert_close(&matmul(&x, m, &w), &want, &x, m, &w, &what);
+                // Every kernel family this CPU runs, not only the best.
+                for simd in simd_levels().into_iter().filter(|_| m <= gemv::MAX_ROWS) {
+                    assert_close(&gemv_on(simd, &x, m, &w), &want, &x, m, &w, &format!("{what} {simd:?}"));
+                }
             }
         }
     }
@@ -109,12 +124,11 @@ fn portable_and_simd_paths_agree() {
         let cols = if format == WeightFormat::Fp4 { 224 } else { 200 };
         let w = random_matrix(format, 24, cols, 17);
         let x: Vec<f32> = (0..3 * cols).map(|i| (i as f32 * 0.37).cos()).collect();
-        let mut simd = vec![0.0; 24 * 3];
-        let mut portable = vec![0.0; 24 * 3];
-        gemv::gemv_transposed_with(true, &x, 3, &w, 0..24, &mut simd);
-        gemv::gemv_transposed_with(false, &x, 3, &w, 0..24, &mut portable);
-        for (a, b) in simd.iter().zip(&portable) {
-            assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{format:?}: {a} vs {b}");
+        let portable = gemv_on(Simd::Portable, &x, 3, &w);
+        for simd in simd_levels() {
+            for (a, b) in gemv_on(simd, &x, 3, &w).iter().zip(&portable) {
+                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{format:?} {simd:?}: {a} vs {b}");
+            }
         }
     }
 }
@@ -165,18 +179,19 @@ fn dot_products_pair_every_code_with_its_own_input() {
                 WeightMatrix::from_fp4(rows, COLS, Bytes::from_vec(bytes), Bytes::from_vec(scales)).unwrap()
             }
         };
-        for m in [1, 3] {
+        for (m, simd) in [1, 3].into_iter().flat_map(|m| simd_levels().into_iter().map(move |s| (m, s))) {
             // Distinct inputs per position and row, exact in f32, and so is each product.
             let x: Vec<f32> =
                 (0..m * COLS).map(|i| (1.0 + i as f32 / 64.0) * 2f32.powi((i % 65) as i32 - 32)).collect();
-            let got = matmul(&x, m, &w);
+            let got = gemv_on(simd, &x, m, &w);
             let mut row = vec![0.0; COLS];
             for r in 0..rows {
                 w.decode_row_scalar(r, &mut row);
                 let k = r % COLS;
                 for i in 0..m {
                     let want = row[k] * x[i * COLS + k];
-                    assert_eq!(got[i * rows + r], want, "{format:?} code {:#x} at input {k}, m={m}", codes[r / COLS]);
+                    let code = codes[r / COLS];
+                    assert_eq!(got[i * rows + r], want, "{format:?} code {code:#x} at input {k}, m={m}, {simd:?}");
                 }
             }
         }
@@ -204,16 +219,19 @@ fn fp8_dot_products_take_each_tiles_scale() {
     for m in [1, 3] {
         // At most 11 significant bits, so every product with an e4m3 value times a scale is exact.
         let x: Vec<f32> = (0..m * COLS).map(|i| (1.0 + i as f32 / 1024.0) * 2f32.powi((i % 23) as i32 - 11)).collect();
-        for view in [0..ROWS, 130..260] {
+        for (view, simd) in
+            [0..ROWS, 130..260].into_iter().flat_map(|v| simd_levels().into_iter().map(move |s| (v.clone(), s)))
+        {
             let block = w.row_block(view.clone());
-            let got = matmul(&x, m, &block);
+            let got = gemv_on(simd, &x, m, &block);
             let mut row = vec![0.0; COLS];
             for b in 0..block.rows() {
                 block.decode_row_scalar(b, &mut row);
                 let k = column(view.start + b);
                 for i in 0..m {
                     let want = row[k] * x[i * COLS + k];
-                    assert_eq!(got[i * block.rows() + b], want, "row {} input {k} m={m} view {view:?}", view.start + b);
+                    let row = view.start + b;
+                    assert_eq!(got[i * block.rows() + b], want, "row {row} input {k} m={m} view {view:?} {simd:?}");
                 }
             }
         }
@@ -240,17 +258,20 @@ fn fp8_codes_keep_a_byte_before_that_never_counts() {
     assert!(codes(&copied).has_byte_before());
     assert_eq!(codes(&copied).as_slice(), &own[..]);
 
-    let mut products = Vec::new();
+    let mut views = vec![copied];
     for before in [0x00u8, 0xff, 0x7f] {
         let owner = std::sync::Arc::new([vec![before], own.clone()].concat());
         let view = Bytes::new(owner, 1..1 + own.len());
         let start = view.as_slice().as_ptr();
         let w = WeightMatrix::from_fp8(ROWS, COLS, view, scales.clone()).unwrap();
         assert_eq!(codes(&w).as_slice().as_ptr(), start, "a view with a byte before is not copied");
-        products.push(matmul(&x, 1, &w));
+        views.push(w);
     }
-    assert_eq!(products[0], matmul(&x, 1, &copied));
-    assert!(products.iter().all(|p| *p == products[0]), "the byte before the codes changed a product");
+    // Each kernel family sums in its own order; within one, the byte before changes nothing.
+    for simd in simd_levels() {
+        let products: Vec<Vec<f32>> = views.iter().map(|w| gemv_on(simd, &x, 1, w)).collect();
+        assert!(products.iter().all(|p| *p == products[0]), "the byte before the codes changed a product ({simd:?})");
+    }
 }
 
 #[test]

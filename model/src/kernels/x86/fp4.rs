@@ -6,7 +6,7 @@ use std::arch::x86_64::*;
 
 use super::super::weight::FP4_BLOCK;
 use super::super::x86_decode::{FP4_ORDER, FP4_ORDER64, UNIT, fp4x32, fp4x32_ordered, fp4x64_ordered};
-use super::{Fp4Row, RowDecoder, dot_body, dot_single_body, fmadd_from};
+use super::{Fp4Row, PREFETCH_BYTES, RowDecoder, dot_body, dot_single_body, fmadd_from, prefetch};
 use crate::numerics::e8m0_to_f32;
 
 impl Fp4Row {
@@ -33,7 +33,7 @@ impl Fp4Row {
 /// Every UE8M0 scale byte decoded. A broadcast from this table is a load, where placing the byte
 /// in an f32's exponent field takes a shift and a shuffle on the ports the FP4 decode is short
 /// of (the two-block scales of [`Fp4Row::scale_pair`]: FP4 +6 % in cache, one thread, Zen 1).
-static UE8M0_F32: [f32; 256] = {
+pub(super) static UE8M0_F32: [f32; 256] = {
     let mut t = [0f32; 256];
     let mut code = 0;
     while code < 256 {
@@ -61,6 +61,13 @@ fn fp4_paired(body: usize, m: usize) -> bool {
 
 impl RowDecoder for Fp4Row {
     const SCALED: bool = true;
+    #[inline(always)]
+    fn prefetch(&self, i: usize) {
+        // A step takes 16 bytes: one hint per cache line.
+        if i.is_multiple_of(128) {
+            prefetch(self.codes.wrapping_add(i / 2 + PREFETCH_BYTES));
+        }
+    }
     const DOT_ORDER: Option<&'static [u8; UNIT]> = Some(&FP4_ORDER);
     #[inline(always)]
     fn single_order(body: usize) -> Option<&'static [u8]> {
@@ -113,6 +120,7 @@ unsafe fn dot_single_fp4_pairs<const R: usize>(rows: [&Fp4Row; R], body: usize, 
     let mut i = 0;
     while i < body {
         for (d, a) in rows.iter().zip(acc.iter_mut()) {
+            d.prefetch(i);
             unsafe {
                 let w = fp4x64_ordered(d.codes.add(i / 2));
                 *a = _mm256_fmadd_ps(fp4_pair_products(&w, x.add(i)), d.scale_pair(i), *a);

@@ -5,7 +5,10 @@ use std::arch::x86_64::*;
 
 use super::super::weight::FP8_TILE;
 use super::super::x86_decode::{FP8_ORDER, UNIT, fp8x16, fp8x32_ordered, permute_blocks};
-use super::{Fp8CodesRow, Fp8CodesRows, Fp8Row, PERMUTED, RowDecoder, dot_body, rows_body, rows_body_single};
+use super::{
+    Fp8CodesRow, Fp8CodesRows, Fp8Row, PERMUTED, PREFETCH_BYTES, RowDecoder, dot_body, prefetch, rows_body,
+    rows_body_single,
+};
 use crate::numerics::minifloat::pow2;
 
 thread_local! {
@@ -33,6 +36,10 @@ impl RowDecoder for Fp8Row {
 
 impl RowDecoder for Fp8CodesRow {
     const SCALED: bool = false;
+    #[inline(always)]
+    fn prefetch(&self, i: usize) {
+        prefetch(self.0.wrapping_add(i + PREFETCH_BYTES));
+    }
     const DOT_ORDER: Option<&'static [u8; UNIT]> = Some(&FP8_ORDER);
     #[inline(always)]
     unsafe fn dot_multi<const M: usize>(&self, body: usize, x: *const f32, x_stride: usize) -> [__m256; M] {
@@ -75,13 +82,9 @@ impl Fp8Tiles<'_> {
 }
 
 /// [`dot_rows`](super::dot_rows) for FP8: the tile scales ride on the activations instead of
-/// being applied inside the loop. For each 128-row tile the rows cross, the permuted activations
-/// are multiplied by that tile's scales, one per 128 inputs, relative to the tile's largest (so,
-/// as before, nothing overflows for |x| < 2^64); the products then need no scaling, and each
-/// row's products go straight into its sums over the whole row (`dot_single_body_unscaled`,
-/// `dot_body_unscaled`; at one activation row +7 % against scaling each tile's sum). The scales
-/// are powers of two, so each product is exactly the scaled one; only the order of the row's sum
-/// changed.
+/// being applied inside the loop (see [`tile_scaled_products`]), and each row's products go
+/// straight into its sums over the whole row (`dot_single_body_unscaled`, `dot_body_unscaled`;
+/// at one activation row +7 % against scaling each tile's sum).
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn dot_rows_fp8<const M: usize>(
     src: &Fp8CodesRows,
@@ -92,6 +95,33 @@ pub(super) unsafe fn dot_rows_fp8<const M: usize>(
     x_stride: usize,
     out_t: &mut [f32],
 ) {
+    tile_scaled_products::<M>(tiles, rows, body, x, x_stride, &FP8_ORDER, out_t, |tile_rows, scaled, out| {
+        if M > 1 {
+            unsafe { rows_body::<_, M>(src, tile_rows, body, scaled.as_ptr(), body, out) }
+        } else {
+            unsafe { rows_body_single(src, tile_rows, body, scaled.as_ptr(), out) }
+        }
+    })
+}
+
+/// FP8 products whose 128×128 tile scales ride on the activations. For each 128-row tile the
+/// rows cross, the activations (laid out in `order`, times 2^64) are multiplied by that tile's
+/// scales, one per 128 inputs, relative to the tile's largest (so nothing overflows for
+/// |x| < 2^64), and `products(tile_rows, scaled, out)` writes the rows' sums of codes decoded
+/// times 2^-120 against them; the results are then multiplied by the rest of the factors. The
+/// scales are powers of two, so each product is exactly the scaled one; only the order of a
+/// row's sum differs from scaling each tile's.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn tile_scaled_products<const M: usize>(
+    tiles: &Fp8Tiles,
+    rows: std::ops::Range<usize>,
+    body: usize,
+    x: &[f32],
+    x_stride: usize,
+    order: &[u8],
+    out_t: &mut [f32],
+    mut products: impl FnMut(std::ops::Range<usize>, &[f32], &mut [f32]),
+) {
     if body == 0 {
         return out_t[..rows.len() * M].fill(0.0);
     }
@@ -101,7 +131,7 @@ pub(super) unsafe fn dot_rows_fp8<const M: usize>(
             scaled.resize(M * body, 0.0);
             for m in 0..M {
                 let input = &x[m * x_stride..m * x_stride + body];
-                permute_blocks(input, &FP8_ORDER, pow2(FP8_DOT_INPUT_EXP), &mut permuted[m * body..(m + 1) * body]);
+                permute_blocks(input, order, pow2(FP8_DOT_INPUT_EXP), &mut permuted[m * body..(m + 1) * body]);
             }
             let mut r = rows.start;
             while r < rows.end {
@@ -116,11 +146,7 @@ pub(super) unsafe fn dot_rows_fp8<const M: usize>(
                     }
                 }
                 let out = &mut out_t[(r - rows.start) * M..(tile_rows.end - rows.start) * M];
-                if M > 1 {
-                    unsafe { rows_body::<_, M>(src, tile_rows.clone(), body, scaled.as_ptr(), body, out) }
-                } else {
-                    unsafe { rows_body_single(src, tile_rows.clone(), body, scaled.as_ptr(), out) }
-                }
+                products(tile_rows.clone(), scaled, out);
                 // The decode's 2^-120 against the activations' 2^64, and the tile's largest scale.
                 let restore = (pow2(120 - FP8_DOT_INPUT_EXP), pow2(top));
                 for o in out.iter_mut() {

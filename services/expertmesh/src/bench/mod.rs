@@ -40,6 +40,10 @@ pub struct BenchArgs {
     /// Skip the distributed-decode part (expert workers as separate processes).
     #[arg(long)]
     pub no_cluster: bool,
+    /// Cap the kernel family (portable, avx2, avx512; default: the best this CPU runs), e.g. to
+    /// compare the AVX2 kernels with the AVX-512 ones on one machine.
+    #[arg(long)]
+    pub simd: Option<expertmesh_model::kernels::Simd>,
 }
 
 pub fn run(mut args: BenchArgs) -> Result<()> {
@@ -49,10 +53,11 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
         args.decode = args.decode.min(16);
         args.repeats = 1;
     }
+    expertmesh_model::kernels::set_simd_cap(args.simd);
     println!(
-        "expertmesh bench — {} threads available, SIMD kernels: {}",
+        "expertmesh bench — {} threads available, SIMD kernels: {:?}",
         num_cpus(),
-        expertmesh_model::kernels::simd_available()
+        expertmesh_model::kernels::simd_level()
     );
     if !args.no_kernels {
         kernels::run(&args)?;

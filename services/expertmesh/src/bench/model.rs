@@ -89,7 +89,7 @@ fn run_in(args: &BenchArgs, dir: &std::path::Path) -> Result<()> {
             }
         }
         for (kind, threads, batch) in rows {
-            kernels::force_portable(kind == "portable");
+            kernels::set_simd_cap(if kind == "portable" { Some(kernels::Simd::Portable) } else { args.simd });
             // Warm caches and page the weights in, then keep the best of a few runs: the machines
             // this runs on are shared and noisy, and the best run is the least disturbed.
             let (p, d) = pool(threads)?.install(|| -> Result<(f64, f64)> {
@@ -107,7 +107,7 @@ fn run_in(args: &BenchArgs, dir: &std::path::Path) -> Result<()> {
                 d / ref_decode
             );
         }
-        kernels::force_portable(false);
+        kernels::set_simd_cap(args.simd);
         let weights = loaded.model.resident_bytes() + loaded.experts.resident_bytes();
         let in_files: usize = ckpt.total_tensor_bytes() - mtp_copies(&ckpt);
         println!(
