@@ -36,11 +36,11 @@ impl RowDecoder for Fp8Row {
 
 impl RowDecoder for Fp8CodesRow {
     const SCALED: bool = false;
+    const DOT_ORDER: Option<&'static [u8; UNIT]> = Some(&FP8_ORDER);
     #[inline(always)]
     fn prefetch(&self, i: usize) {
         prefetch(self.0.wrapping_add(i + PREFETCH_BYTES));
     }
-    const DOT_ORDER: Option<&'static [u8; UNIT]> = Some(&FP8_ORDER);
     #[inline(always)]
     unsafe fn dot_multi<const M: usize>(&self, body: usize, x: *const f32, x_stride: usize) -> [__m256; M] {
         unsafe { dot_body::<Self, M, true>(self, body, x, x_stride) }
