@@ -1,7 +1,6 @@
-//! AVX-512 dot products for the quantized formats (decode: FP8 and FP4 weights against up to 8
-//! activation rows). On a core with 512-bit datapaths (Zen 5 measured) the AVX2 decoders leave
-//! FP8 and FP4 bound by vector operations well below the memory bandwidth; here one instruction
-//! decodes 16 values:
+//! AVX-512 dot products (decode: weights against up to 8 activation rows). On a core with
+//! 512-bit datapaths (Zen 5 measured) the AVX2 decoders leave FP8 and FP4 bound by vector
+//! operations well below the memory bandwidth; here one instruction decodes 16 values:
 //!
 //! * FP4 e2m1: the 16 codes, sign included, index the 16 lanes of one register, and `vpermps`
 //!   reads only the low four bits of each index lane. So a byte-to-lane widen of 16 code bytes
@@ -12,6 +11,14 @@
 //! * FP8 e4m3: a sign-extending byte-to-lane widen, a shift by 20 and a mask put sign, exponent
 //!   and mantissa where an f32 has them: each value times 2^-120, in input order. The tile scales
 //!   ride on the activations as on the AVX2 path ([`tile_scaled_products`]).
+//! * bf16, at two or more activation rows: a shift keeps the even values of a 64-byte load, a
+//!   mask the odd ones.
+//!
+//! Several activation rows also walk several weight rows side by side ([`walk_rows`]): one
+//! thread, 7168 inputs, against the AVX2 kernels (row by row), FP8 at 2 / 4 / 8 activation rows
+//! 7.4 / 5.7 / 3.8 → 29 / 21 / 6.1 GB/s of weights, FP4 5.8 / 4.2 / 2.8 → 18.6 / 11.7 / 4.3, bf16
+//! 9.6 / 8.2 / 6.3 → 22.6 / 20.5 / 9.2. From about five rows the activations no longer fit the
+//! first-level cache beside the weights, and the products slow down.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -22,8 +29,8 @@ use super::fp8::{Fp8Tiles, tile_scaled_products};
 use super::{PERMUTED, PREFETCH_BYTES, UNIT, permute_blocks, prefetch};
 use crate::numerics::E2M1_VALUES;
 
-/// Computes `out_t` as [`dot_rows`](super::dot_rows) does, for FP8 and FP4 weights; returns false
-/// (and writes nothing) for the other formats.
+/// Computes `out_t` as [`dot_rows`](super::dot_rows) does, for FP8 and FP4 weights, and bf16 at
+/// two or more activation rows; returns false (and writes nothing) otherwise.
 ///
 /// # Safety
 /// AVX-512F (and the AVX2 family) must be available; the arguments as for `dot_rows`.
@@ -55,18 +62,42 @@ pub(super) unsafe fn dot_rows<const M: usize>(
         }
         WeightData::Fp4 { codes, scales } => {
             let src = Fp4Codes { codes: codes.as_slice().as_ptr(), scales: scales.as_slice().as_ptr(), cols: w.cols };
-            PERMUTED.with_borrow_mut(|permuted| {
-                permuted.resize(M * body, 0.0);
-                for m in 0..M {
-                    let input = &x[m * x_stride..m * x_stride + body];
-                    permute_blocks(input, &FP4_NIBBLE_ORDER, 1.0, &mut permuted[m * body..(m + 1) * body]);
-                }
-                unsafe { walk_rows::<_, M>(&src, rows, body, permuted.as_ptr(), body, out_t) }
-            });
+            unsafe { walk_rows_even_odd::<_, M>(&src, rows, body, x, x_stride, out_t) };
+            true
+        }
+        // One activation row: the AVX2 kernel already streams bf16 at the read bandwidth (and
+        // measured 5-10 % ahead of this one there).
+        WeightData::Bf16(values) if M > 1 => {
+            let src = Bf16Values { values: values.as_slice().as_ptr(), cols: w.cols };
+            unsafe { walk_rows_even_odd::<_, M>(&src, rows, body, x, x_stride, out_t) };
             true
         }
         WeightData::F32(_) | WeightData::Bf16(_) => false,
     }
+}
+
+/// [`walk_rows`] for formats that take each 32-block's even inputs, then its odd ones
+/// ([`EVEN_ODD_ORDER`]): the activations are permuted to match first, once per call.
+///
+/// # Safety
+/// As for [`walk_rows`], with `x` holding `M` rows `x_stride` apart in input order.
+#[target_feature(enable = "avx512f")]
+unsafe fn walk_rows_even_odd<S: Rows512, const M: usize>(
+    src: &S,
+    rows: Range<usize>,
+    body: usize,
+    x: &[f32],
+    x_stride: usize,
+    out_t: &mut [f32],
+) {
+    PERMUTED.with_borrow_mut(|permuted| {
+        permuted.resize(M * body, 0.0);
+        for m in 0..M {
+            let input = &x[m * x_stride..m * x_stride + body];
+            permute_blocks(input, &EVEN_ODD_ORDER, 1.0, &mut permuted[m * body..(m + 1) * body]);
+        }
+        unsafe { walk_rows::<_, M>(src, rows, body, permuted.as_ptr(), body, out_t) }
+    })
 }
 
 /// Inputs in order (FP8: the widen keeps the codes' order).
@@ -80,9 +111,10 @@ const INPUT_ORDER: [u8; UNIT] = {
     t
 };
 
-/// Which input of a 32-block each lane of an FP4 step holds: the low nibbles of its 16 bytes (the
-/// even inputs), then the high nibbles (the odd ones).
-const FP4_NIBBLE_ORDER: [u8; UNIT] = {
+/// Which input of a 32-block each lane of an FP4 or bf16 step holds: the even inputs, then the
+/// odd ones (FP4: the low nibbles of the step's 16 bytes, then the high ones; bf16: the low
+/// halves of its 16 32-bit lanes, then the high ones).
+const EVEN_ODD_ORDER: [u8; UNIT] = {
     let mut t = [0u8; UNIT];
     let mut i = 0;
     while i < UNIT {
@@ -114,6 +146,11 @@ struct Fp8Codes {
     cols: usize,
 }
 
+struct Bf16Values {
+    values: *const u8,
+    cols: usize,
+}
+
 struct Fp4Codes {
     codes: *const u8,
     scales: *const u8,
@@ -130,6 +167,19 @@ impl Rows512 for Fp8Codes {
         x_stride: usize,
     ) -> [[__m512; M]; R] {
         unsafe { fp8_dot(rows.map(|r| self.codes.wrapping_add(r * self.cols)), body, x, x_stride) }
+    }
+}
+
+impl Rows512 for Bf16Values {
+    #[inline(always)]
+    unsafe fn dot<const R: usize, const M: usize>(
+        &self,
+        rows: [usize; R],
+        body: usize,
+        x: *const f32,
+        x_stride: usize,
+    ) -> [[__m512; M]; R] {
+        unsafe { bf16_dot(rows.map(|r| self.values.wrapping_add(2 * r * self.cols)), body, x, x_stride) }
     }
 }
 
@@ -163,9 +213,8 @@ unsafe fn walk_rows<S: Rows512, const M: usize>(
     out_t: &mut [f32],
 ) {
     match M {
-        1 | 2 => unsafe { walk_parts::<S, 4, M>(src, rows, body, x, x_stride, out_t) },
-        3 | 4 => unsafe { walk_parts::<S, 2, M>(src, rows, body, x, x_stride, out_t) },
-        _ => unsafe { walk_parts::<S, 1, M>(src, rows, body, x, x_stride, out_t) },
+        1..=4 => unsafe { walk_parts::<S, 4, M>(src, rows, body, x, x_stride, out_t) },
+        _ => unsafe { walk_parts::<S, 2, M>(src, rows, body, x, x_stride, out_t) },
     }
 }
 
@@ -214,15 +263,7 @@ unsafe fn fp8_dot<const R: usize, const M: usize>(
         for (codes, acc) in rows.iter().zip(acc.iter_mut()) {
             prefetch(codes.wrapping_add(i + PREFETCH_BYTES));
             let w = [0, 16, 32, 48].map(|j| unsafe { fp8x16(codes.add(i + j)) });
-            for (m, [even, odd]) in acc.iter_mut().enumerate() {
-                unsafe {
-                    let xm = x.add(m * x_stride + i);
-                    *even = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(xm), *even);
-                    *odd = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(xm.add(16)), *odd);
-                    *even = _mm512_fmadd_ps(w[2], _mm512_loadu_ps(xm.add(32)), *even);
-                    *odd = _mm512_fmadd_ps(w[3], _mm512_loadu_ps(xm.add(48)), *odd);
-                }
-            }
+            unsafe { fmadd_rows(acc, &w, x.add(i), x_stride) };
         }
         i += 2 * UNIT;
     }
@@ -230,16 +271,62 @@ unsafe fn fp8_dot<const R: usize, const M: usize>(
         // A last 32-input step.
         for (codes, acc) in rows.iter().zip(acc.iter_mut()) {
             let w = [0, 16].map(|j| unsafe { fp8x16(codes.add(i + j)) });
-            for (m, [even, odd]) in acc.iter_mut().enumerate() {
-                unsafe {
-                    let xm = x.add(m * x_stride + i);
-                    *even = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(xm), *even);
-                    *odd = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(xm.add(16)), *odd);
-                }
-            }
+            unsafe { fmadd_rows(acc, &w, x.add(i), x_stride) };
         }
     }
     acc.map(|row| row.map(|[even, odd]| _mm512_add_ps(even, odd)))
+}
+
+/// bf16 rows against activations in [`EVEN_ODD_ORDER`], one 32-block (a 64-byte line) per step:
+/// a shift keeps the even values of each 32-bit lane, a mask the odd ones.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn bf16_dot<const R: usize, const M: usize>(
+    rows: [*const u8; R],
+    body: usize,
+    x: *const f32,
+    x_stride: usize,
+) -> [[__m512; M]; R] {
+    let high = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+    let mut acc = [[[_mm512_setzero_ps(); 2]; M]; R];
+    let mut i = 0;
+    while i < body {
+        for (values, acc) in rows.iter().zip(acc.iter_mut()) {
+            prefetch(values.wrapping_add(2 * i + PREFETCH_BYTES));
+            unsafe {
+                let v = _mm512_loadu_si512(values.add(2 * i) as *const __m512i);
+                let w =
+                    [_mm512_castsi512_ps(_mm512_slli_epi32::<16>(v)), _mm512_castsi512_ps(_mm512_and_si512(v, high))];
+                fmadd_rows(acc, &w, x.add(i), x_stride);
+            }
+        }
+        i += UNIT;
+    }
+    acc.map(|row| row.map(|[even, odd]| _mm512_add_ps(even, odd)))
+}
+
+/// `sums[m] += Σ_j w[j] · x[m][16j..16j + 16]` for each of `M` activation rows `x_stride` apart:
+/// in two chains per row (even and odd `j`) at one or two rows, whose chains would otherwise be
+/// too few to hide the multiply-add latency; in one from three, which leaves the registers to
+/// more weight rows at a time ([`walk_rows`]).
+///
+/// # Safety
+/// AVX-512F must be available; `x` must hold `M` rows of `16 * N` floats.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn fmadd_rows<const M: usize, const N: usize>(
+    sums: &mut [[__m512; 2]; M],
+    w: &[__m512; N],
+    x: *const f32,
+    x_stride: usize,
+) {
+    let chains = if M <= 2 { 2 } else { 1 };
+    for (m, sums) in sums.iter_mut().enumerate() {
+        for (j, w) in w.iter().enumerate() {
+            let s = &mut sums[j % chains];
+            *s = _mm512_fmadd_ps(*w, unsafe { _mm512_loadu_ps(x.add(m * x_stride + 16 * j)) }, *s);
+        }
+    }
 }
 
 /// Sixteen e4m3 codes as f32, each value times 2^-120: sign-extended to 32 bits, the code's
@@ -255,7 +342,7 @@ unsafe fn fp8x16(p: *const u8) -> __m512 {
     _mm512_castsi512_ps(_mm512_and_si512(_mm512_slli_epi32::<20>(wide), _mm512_set1_epi32(0x87F0_0000u32 as i32)))
 }
 
-/// FP4 rows (codes and their 1×32 scales) against activations in [`FP4_NIBBLE_ORDER`], one
+/// FP4 rows (codes and their 1×32 scales) against activations in [`EVEN_ODD_ORDER`], one
 /// 32-block per step, each (row, activation row) in two chains (even and odd inputs).
 #[target_feature(enable = "avx512f")]
 #[inline]
@@ -278,11 +365,7 @@ unsafe fn fp4_dot<const R: usize, const M: usize>(
                 let scaled = _mm512_mul_ps(values, _mm512_set1_ps(UE8M0_F32[*scales.add(i / FP4_BLOCK) as usize]));
                 let even = _mm512_permutexvar_ps(bytes, scaled);
                 let odd = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(bytes), scaled);
-                for (m, [e, o]) in acc.iter_mut().enumerate() {
-                    let xm = x.add(m * x_stride + i);
-                    *e = _mm512_fmadd_ps(even, _mm512_loadu_ps(xm), *e);
-                    *o = _mm512_fmadd_ps(odd, _mm512_loadu_ps(xm.add(16)), *o);
-                }
+                fmadd_rows(acc, &[even, odd], x.add(i), x_stride);
             }
         }
         i += UNIT;
