@@ -200,9 +200,9 @@ impl Rows512 for Fp4Codes {
 
 /// `out_t[(r - rows.start) * M + m]` for every row. The rows are cut into parts walked side by
 /// side: several long memory streams in flight (one stream per core stays short of the read
-/// bandwidth), and independent multiply-add chains. Four parts at one or two activation rows,
-/// two at three or four, one from five (where the activation rows give the chains): one FP8 row
-/// at a time took 2 activation rows to 14 GB/s, one thread, against 35 at one.
+/// bandwidth), and independent multiply-add chains. Four parts up to four activation rows, two
+/// from five, where the sums of four would not fit the registers: one FP8 row at a time took 2
+/// activation rows to 14 GB/s, one thread, against 35 at one.
 #[target_feature(enable = "avx512f")]
 unsafe fn walk_rows<S: Rows512, const M: usize>(
     src: &S,
