@@ -124,21 +124,17 @@ const EVEN_ODD_ORDER: [u8; UNIT] = {
     t
 };
 
-/// A matrix's rows for [`walk_rows`].
+/// A matrix's rows for [`walk_rows`], decoded one 32-input step at a time.
 trait Rows512 {
-    /// `R` rows (indices into the matrix) against `M` activation rows `x_stride` apart, in the
-    /// format's step order, left as vectors.
+    /// Where one row's weights start.
+    type Row: Copy;
+    fn row(&self, r: usize) -> Self::Row;
+    /// Step `i` of a row: its 32 values as two vectors in the format's step order, after a
+    /// prefetch hint for the weights [`PREFETCH_BYTES`] ahead.
     ///
     /// # Safety
-    /// AVX-512F must be available; `body` a multiple of 32 inside every row; `x` must hold `M`
-    /// rows of `body` floats.
-    unsafe fn dot<const R: usize, const M: usize>(
-        &self,
-        rows: [usize; R],
-        body: usize,
-        x: *const f32,
-        x_stride: usize,
-    ) -> [[__m512; M]; R];
+    /// AVX-512F must be available; `i` a multiple of 32 inside the row.
+    unsafe fn step(row: Self::Row, i: usize) -> [__m512; 2];
 }
 
 struct Fp8Codes {
@@ -158,43 +154,59 @@ struct Fp4Codes {
 }
 
 impl Rows512 for Fp8Codes {
+    type Row = *const u8;
     #[inline(always)]
-    unsafe fn dot<const R: usize, const M: usize>(
-        &self,
-        rows: [usize; R],
-        body: usize,
-        x: *const f32,
-        x_stride: usize,
-    ) -> [[__m512; M]; R] {
-        unsafe { fp8_dot(rows.map(|r| self.codes.wrapping_add(r * self.cols)), body, x, x_stride) }
+    fn row(&self, r: usize) -> *const u8 {
+        self.codes.wrapping_add(r * self.cols)
+    }
+    /// Codes only: values times 2^-120, in input order.
+    #[inline(always)]
+    unsafe fn step(codes: *const u8, i: usize) -> [__m512; 2] {
+        if i.is_multiple_of(2 * UNIT) {
+            prefetch(codes.wrapping_add(i + PREFETCH_BYTES));
+        }
+        unsafe { [fp8x16(codes.add(i)), fp8x16(codes.add(i + 16))] }
     }
 }
 
 impl Rows512 for Bf16Values {
+    type Row = *const u8;
     #[inline(always)]
-    unsafe fn dot<const R: usize, const M: usize>(
-        &self,
-        rows: [usize; R],
-        body: usize,
-        x: *const f32,
-        x_stride: usize,
-    ) -> [[__m512; M]; R] {
-        unsafe { bf16_dot(rows.map(|r| self.values.wrapping_add(2 * r * self.cols)), body, x, x_stride) }
+    fn row(&self, r: usize) -> *const u8 {
+        self.values.wrapping_add(2 * r * self.cols)
+    }
+    /// A 64-byte line: a shift keeps the even values of each 32-bit lane, a mask the odd ones.
+    #[inline(always)]
+    unsafe fn step(values: *const u8, i: usize) -> [__m512; 2] {
+        prefetch(values.wrapping_add(2 * i + PREFETCH_BYTES));
+        unsafe {
+            let v = _mm512_loadu_si512(values.add(2 * i) as *const __m512i);
+            let odd = _mm512_and_si512(v, _mm512_set1_epi32(0xFFFF_0000u32 as i32));
+            [_mm512_castsi512_ps(_mm512_slli_epi32::<16>(v)), _mm512_castsi512_ps(odd)]
+        }
     }
 }
 
 impl Rows512 for Fp4Codes {
+    /// The row's codes and its 1×32 scales.
+    type Row = (*const u8, *const u8);
     #[inline(always)]
-    unsafe fn dot<const R: usize, const M: usize>(
-        &self,
-        rows: [usize; R],
-        body: usize,
-        x: *const f32,
-        x_stride: usize,
-    ) -> [[__m512; M]; R] {
-        let rows = rows
-            .map(|r| (self.codes.wrapping_add(r * self.cols / 2), self.scales.wrapping_add(r * self.cols / FP4_BLOCK)));
-        unsafe { fp4_dot(rows, body, x, x_stride) }
+    fn row(&self, r: usize) -> (*const u8, *const u8) {
+        (self.codes.wrapping_add(r * self.cols / 2), self.scales.wrapping_add(r * self.cols / FP4_BLOCK))
+    }
+    /// The value table times the block's scale, then looked up by the low nibbles (even inputs)
+    /// and the high ones (odd inputs).
+    #[inline(always)]
+    unsafe fn step((codes, scales): (*const u8, *const u8), i: usize) -> [__m512; 2] {
+        if i.is_multiple_of(128) {
+            prefetch(codes.wrapping_add(i / 2 + PREFETCH_BYTES));
+        }
+        unsafe {
+            let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(codes.add(i / 2) as *const __m128i));
+            let scale = _mm512_set1_ps(UE8M0_F32[*scales.add(i / FP4_BLOCK) as usize]);
+            let scaled = _mm512_mul_ps(_mm512_loadu_ps(E2M1_VALUES.as_ptr()), scale);
+            [_mm512_permutexvar_ps(bytes, scaled), _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(bytes), scaled)]
+        }
     }
 }
 
@@ -236,69 +248,38 @@ unsafe fn walk_parts<S: Rows512, const R: usize, const M: usize>(
     };
     for i in 0..q {
         let part_rows: [usize; R] = std::array::from_fn(|k| rows.start + k * q + i);
-        let sums = unsafe { src.dot::<R, M>(part_rows, body, x, x_stride) };
+        let sums = unsafe { dot::<S, R, M>(src, part_rows, body, x, x_stride) };
         for (r, s) in part_rows.iter().zip(&sums) {
             store(*r, s);
         }
     }
     for r in rows.start + R * q..rows.end {
-        let [sums] = unsafe { src.dot::<1, M>([r], body, x, x_stride) };
+        let [sums] = unsafe { dot::<S, 1, M>(src, [r], body, x, x_stride) };
         store(r, &sums);
     }
 }
 
-/// FP8 rows (codes only: values times 2^-120) against activations in input order, 64 inputs per
-/// step, each (row, activation row) in two chains.
+/// Rows `rows` of `src` against `M` activation rows `x_stride` apart (in the format's step
+/// order), left as vectors: each (row, activation row) in one or two chains ([`fmadd_rows`]).
+///
+/// # Safety
+/// AVX-512F must be available; `body` a multiple of 32 inside every row; `x` must hold `M` rows
+/// of `body` floats.
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn fp8_dot<const R: usize, const M: usize>(
-    rows: [*const u8; R],
+unsafe fn dot<S: Rows512, const R: usize, const M: usize>(
+    src: &S,
+    rows: [usize; R],
     body: usize,
     x: *const f32,
     x_stride: usize,
 ) -> [[__m512; M]; R] {
-    let mut acc = [[[_mm512_setzero_ps(); 2]; M]; R];
-    let mut i = 0;
-    while i + 2 * UNIT <= body {
-        for (codes, acc) in rows.iter().zip(acc.iter_mut()) {
-            prefetch(codes.wrapping_add(i + PREFETCH_BYTES));
-            let w = [0, 16, 32, 48].map(|j| unsafe { fp8x16(codes.add(i + j)) });
-            unsafe { fmadd_rows(acc, &w, x.add(i), x_stride) };
-        }
-        i += 2 * UNIT;
-    }
-    if i < body {
-        // A last 32-input step.
-        for (codes, acc) in rows.iter().zip(acc.iter_mut()) {
-            let w = [0, 16].map(|j| unsafe { fp8x16(codes.add(i + j)) });
-            unsafe { fmadd_rows(acc, &w, x.add(i), x_stride) };
-        }
-    }
-    acc.map(|row| row.map(|[even, odd]| _mm512_add_ps(even, odd)))
-}
-
-/// bf16 rows against activations in [`EVEN_ODD_ORDER`], one 32-block (a 64-byte line) per step:
-/// a shift keeps the even values of each 32-bit lane, a mask the odd ones.
-#[target_feature(enable = "avx512f")]
-#[inline]
-unsafe fn bf16_dot<const R: usize, const M: usize>(
-    rows: [*const u8; R],
-    body: usize,
-    x: *const f32,
-    x_stride: usize,
-) -> [[__m512; M]; R] {
-    let high = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+    let rows = rows.map(|r| src.row(r));
     let mut acc = [[[_mm512_setzero_ps(); 2]; M]; R];
     let mut i = 0;
     while i < body {
-        for (values, acc) in rows.iter().zip(acc.iter_mut()) {
-            prefetch(values.wrapping_add(2 * i + PREFETCH_BYTES));
-            unsafe {
-                let v = _mm512_loadu_si512(values.add(2 * i) as *const __m512i);
-                let w =
-                    [_mm512_castsi512_ps(_mm512_slli_epi32::<16>(v)), _mm512_castsi512_ps(_mm512_and_si512(v, high))];
-                fmadd_rows(acc, &w, x.add(i), x_stride);
-            }
+        for (row, acc) in rows.iter().zip(acc.iter_mut()) {
+            unsafe { fmadd_rows(acc, &S::step(*row, i), x.add(i), x_stride) };
         }
         i += UNIT;
     }
@@ -340,35 +321,4 @@ unsafe fn fmadd_rows<const M: usize, const N: usize>(
 unsafe fn fp8x16(p: *const u8) -> __m512 {
     let wide = _mm512_cvtepi8_epi32(unsafe { _mm_loadu_si128(p as *const __m128i) });
     _mm512_castsi512_ps(_mm512_and_si512(_mm512_slli_epi32::<20>(wide), _mm512_set1_epi32(0x87F0_0000u32 as i32)))
-}
-
-/// FP4 rows (codes and their 1×32 scales) against activations in [`EVEN_ODD_ORDER`], one
-/// 32-block per step, each (row, activation row) in two chains (even and odd inputs).
-#[target_feature(enable = "avx512f")]
-#[inline]
-unsafe fn fp4_dot<const R: usize, const M: usize>(
-    rows: [(*const u8, *const u8); R],
-    body: usize,
-    x: *const f32,
-    x_stride: usize,
-) -> [[__m512; M]; R] {
-    let values = unsafe { _mm512_loadu_ps(E2M1_VALUES.as_ptr()) };
-    let mut acc = [[[_mm512_setzero_ps(); 2]; M]; R];
-    let mut i = 0;
-    while i < body {
-        for ((codes, scales), acc) in rows.iter().zip(acc.iter_mut()) {
-            unsafe {
-                if i.is_multiple_of(128) {
-                    prefetch(codes.wrapping_add(i / 2 + PREFETCH_BYTES));
-                }
-                let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(codes.add(i / 2) as *const __m128i));
-                let scaled = _mm512_mul_ps(values, _mm512_set1_ps(UE8M0_F32[*scales.add(i / FP4_BLOCK) as usize]));
-                let even = _mm512_permutexvar_ps(bytes, scaled);
-                let odd = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(bytes), scaled);
-                fmadd_rows(acc, &[even, odd], x.add(i), x_stride);
-            }
-        }
-        i += UNIT;
-    }
-    acc.map(|row| row.map(|[even, odd]| _mm512_add_ps(even, odd)))
 }
